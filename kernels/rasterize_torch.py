@@ -54,6 +54,7 @@ def rasterize_dense_torch(
     unit = torch.tensor([1.0, 0.0, 1.0], dtype=cholesky.dtype, device=cholesky.device)
     cholesky = torch.where(valid[..., None], cholesky, unit)
     positions = torch.where(valid[..., None], positions, torch.zeros_like(positions))
+    colours = torch.where(valid[..., None], colours, torch.zeros_like(colours))
     grid_x, grid_y = pixel_centres(height, width, positions)
     dx = grid_x[None, None] - positions[..., 0, None, None]  # [B, N, H, W]
     dy = grid_y[None, None] - positions[..., 1, None, None]

@@ -43,12 +43,14 @@ DENSE_FALLBACK_RATIO = 0.5
 def window_radius_needed(cholesky: Tensor, cutoff: float) -> Tensor:  # [...] int64
     """Smallest R such that a (2R+1)^2 window centred on the splat's pixel covers its cutoff ellipse.
 
-    The box half-extents are cutoff*|l11| (x) and cutoff*sqrt(l21^2 + l22^2) (y). The centre may sit
-    anywhere in its pixel, so half a pixel is added before rounding up.
+    The box half-extents are cutoff*|l11| (x) and cutoff*sqrt(l21^2 + l22^2) (y); call the larger h.
+    With the centre mu = f + r (f = floor(mu), 0 <= r < 1), the pixel centres j + 0.5 within h of mu
+    run from j = ceil(mu - h - 0.5) to floor(mu + h - 0.5), which lie in [f - R, f + R] for every r
+    exactly when R >= floor(h + 0.5).
     """
     half_x = cutoff * cholesky[..., 0].abs()
     half_y = cutoff * torch.sqrt(cholesky[..., 1] ** 2 + cholesky[..., 2] ** 2)
-    return torch.ceil(torch.maximum(half_x, half_y) + 0.5).to(torch.int64)
+    return torch.floor(torch.maximum(half_x, half_y) + 0.5).to(torch.int64)
 
 
 def _weights(
@@ -122,7 +124,7 @@ def _window_geometry(
     return tuple(t.expand(weights.shape).reshape(weights.shape[0], -1) for t in (weights, z1, z2, flat_index))
 
 
-def _window_forward(
+def _window_contributions(
     positions: Tensor,  # [M, 2]
     cholesky: Tensor,  # [M, 3]
     colours: Tensor,  # [M, C]
@@ -132,16 +134,14 @@ def _window_forward(
     col_offsets: Tensor,  # [Sc] int64
     height: int,
     width: int,
-    num_pixels: int,  # B * H * W
     cutoff: float,
-) -> Tensor:  # [B * H * W, C]
+) -> tuple[Tensor, Tensor]:  # contributions [M * P, C], flat_index [M * P]
     weights, _, _, flat_index = _window_geometry(
         positions, cholesky, image_index, window_origin, row_offsets, col_offsets, height, width,
         cutoff,
     )
     contributions = weights[:, :, None] * colours[:, None, :]  # [M, P, C]
-    out = colours.new_zeros((num_pixels, colours.shape[1]))
-    return out.index_add(0, flat_index.reshape(-1), contributions.reshape(-1, colours.shape[1]))
+    return contributions.reshape(-1, colours.shape[1]), flat_index.reshape(-1)
 
 
 def _window_backward(
@@ -233,10 +233,14 @@ class _WindowRender(torch.autograd.Function):
             positions, cholesky, colours, image_index, window_origin, row_offsets, col_offsets
         )
         ctx.geometry = (height, width, cutoff)
-        return _run(
-            _window_forward, positions, cholesky, colours, image_index, window_origin,
-            row_offsets, col_offsets, height, width, num_pixels, cutoff,
+        contributions, flat_index = _run(
+            _window_contributions, positions, cholesky, colours, image_index, window_origin,
+            row_offsets, col_offsets, height, width, cutoff,
         )
+        # The scatter runs eagerly: a compiled scatter adds with atomics from several threads, in
+        # an order that changes from run to run, and fits must be reproducible to the bit.
+        out = colours.new_zeros((num_pixels, colours.shape[1]))
+        return out.index_add_(0, flat_index, contributions)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -317,7 +321,8 @@ def rasterize_windowed_torch(
     flat_colours = colours[image_index, slot_index]
     # Start from a zero image that still depends on the colours, so an image without any valid splat
     # renders black and gradients flow (as zeros) to every input.
-    out = colours.new_zeros((batch * height * width, channels)) + 0.0 * colours.sum()
+    safe_colours = torch.where(valid[..., None], colours, torch.zeros_like(colours))
+    out = colours.new_zeros((batch * height * width, channels)) + 0.0 * safe_colours.sum()
     device = positions.device
     for class_radius in torch.unique(radius).tolist():
         members = (radius == class_radius).nonzero().flatten()
@@ -329,11 +334,23 @@ def rasterize_windowed_torch(
         else:
             origin = torch.floor(member_positions.detach()).to(torch.int64) - class_radius
             row_offsets = col_offsets = torch.arange(2 * class_radius + 1, device=device)
+        member_cholesky, member_colours = flat_cholesky[members], flat_colours[members]
+        member_images = image_index[members]
+        padding = -len(members) % 8
+        if padding:
+            # torch.compile specializes on sizes 0 and 1 and guards on sizes that equal other
+            # dimensions (2, 3, C, the odd window side), each costing a recompile. Padding M to a
+            # multiple of 8 with colourless unit splats keeps one shape family for every class.
+            member_positions = torch.cat([member_positions, member_positions.new_zeros((padding, 2))])
+            member_cholesky = torch.cat([member_cholesky, member_cholesky.new_ones((padding, 3))])
+            member_colours = torch.cat([member_colours, member_colours.new_zeros((padding, channels))])
+            member_images = torch.cat([member_images, member_images.new_zeros(padding)])
+            origin = torch.cat([origin, origin.new_zeros((padding, 2))])
         out = out + _WindowRender.apply(
             member_positions,
-            flat_cholesky[members],
-            flat_colours[members],
-            image_index[members],
+            member_cholesky,
+            member_colours,
+            member_images,
             origin,
             row_offsets,
             col_offsets,

@@ -1,0 +1,134 @@
+"""Figures of the pipeline's notebooks (seaborn / matplotlib). Notebooks only call these."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: papermill and CI have no display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.patches import Ellipse  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from gsclip_lib.splats import Splats  # noqa: E402
+
+
+def _to_display(image: Tensor) -> np.ndarray:  # [C, H, W] -> [H, W, C] or [H, W]
+    array = image.detach().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
+    return array[..., 0] if array.shape[-1] == 1 else array
+
+
+def draw_splat_ellipses(
+    axis: plt.Axes, splats: Splats, image_index: int, sigmas: float = 1.0, max_splats: int = 4000
+) -> None:
+    """Each valid splat as its ``sigmas``-sigma ellipse, filled with its (clamped) colour."""
+    valid = splats.valid[image_index].cpu()
+    covariance = splats.covariance()[image_index].detach().cpu()[valid][:max_splats]
+    centres = splats.positions[image_index].detach().cpu()[valid][:max_splats]
+    colours = splats.colours[image_index].detach().cpu()[valid][:max_splats]
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance.double().numpy())
+    angles = np.degrees(np.arctan2(eigenvectors[:, 1, 1], eigenvectors[:, 0, 1]))
+    for centre, (minor, major), angle, colour in zip(centres.numpy(), eigenvalues, angles, colours.numpy()):
+        shade = np.clip(colour / max(float(np.abs(colours).max()), 1e-6), 0, 1)
+        face = tuple(shade) if shade.shape[0] == 3 else (float(shade[0]),) * 3
+        axis.add_patch(
+            Ellipse(
+                centre,
+                2 * sigmas * math.sqrt(max(major, 0.0)),
+                2 * sigmas * math.sqrt(max(minor, 0.0)),
+                angle=angle,
+                facecolor=face,
+                edgecolor="none",
+                alpha=0.6,
+            )
+        )
+
+
+def plot_fit_gallery(
+    images: Tensor,  # [B, C, H, W]
+    renders: dict[int, Tensor],  # splat count -> [B, C, H, W]
+    splats: dict[int, Splats] | None = None,  # splat count -> splats, drawn as ellipses if given
+    titles: list[str] | None = None,
+    psnr_by_count: dict[int, Tensor] | None = None,
+) -> plt.Figure:
+    """Rows of images: the original, then the render at each count (and its ellipses)."""
+    counts = sorted(renders, reverse=True)
+    per_count = 2 if splats else 1
+    columns = 1 + per_count * len(counts)
+    rows = images.shape[0]
+    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.3 * rows), squeeze=False)
+    height, width = images.shape[-2:]
+    for row in range(rows):
+        axes[row, 0].imshow(_to_display(images[row]), cmap="gray")
+        axes[row, 0].set_title(titles[row] if titles else "original", fontsize=9)
+        for k, count in enumerate(counts):
+            axis = axes[row, 1 + per_count * k]
+            axis.imshow(_to_display(renders[count][row]), cmap="gray")
+            label = f"N={count}"
+            if psnr_by_count is not None:
+                label += f", {float(psnr_by_count[count][row]):.1f} dB"
+            axis.set_title(label, fontsize=9)
+            if splats:
+                ellipse_axis = axes[row, 2 + per_count * k]
+                ellipse_axis.set_facecolor("black")
+                draw_splat_ellipses(ellipse_axis, splats[count], row)
+                ellipse_axis.set_xlim(0, width)
+                ellipse_axis.set_ylim(height, 0)
+                ellipse_axis.set_aspect("equal")
+                ellipse_axis.set_title(f"N={count} ellipses", fontsize=9)
+    for axis in axes.flat:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.tight_layout()
+    return figure
+
+
+def plot_psnr_against_size(table: pd.DataFrame) -> plt.Figure:
+    """PSNR against splat count and against payload bytes, splats beside JPEG at the same bytes."""
+    figure, (by_count, by_bytes) = plt.subplots(1, 2, figsize=(11, 4))
+    sns.lineplot(data=table, x="splats", y="psnr", marker="o", ax=by_count, label="splats", errorbar="sd")
+    if "psnr_pruned_from_largest" in table and table["psnr_pruned_from_largest"].notna().any():
+        sns.lineplot(
+            data=table, x="splats", y="psnr_pruned_from_largest", marker="s", ax=by_count,
+            label="pruned from largest + fine-tune", errorbar="sd",
+        )
+    by_count.set_xscale("log")
+    by_count.set_xlabel("splats per image")
+    by_count.set_ylabel("PSNR (dB)")
+    by_count.set_title("Fit quality against splat count")
+    long = pd.concat(
+        [
+            table.assign(codec="splats (fp16)", bytes=table["payload_bytes"], quality=table["psnr_after_codec"]),
+            table.assign(codec="JPEG, same budget", bytes=table["jpeg_bytes"], quality=table["jpeg_psnr"]),
+        ]
+    )
+    sns.lineplot(data=long, x="bytes", y="quality", hue="codec", marker="o", ax=by_bytes, errorbar="sd")
+    by_bytes.set_xscale("log")
+    by_bytes.set_xlabel("bytes per image")
+    by_bytes.set_ylabel("PSNR (dB)")
+    by_bytes.set_title("Rate-distortion: splats against JPEG")
+    figure.tight_layout()
+    return figure
+
+
+def plot_psnr_history(history: pd.DataFrame, hue: str = "splats") -> plt.Figure:
+    """Mean PSNR during fitting, one line per ``hue`` value."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    sns.lineplot(data=history, x="iteration", y="psnr", hue=hue, palette="viridis", ax=axis)
+    axis.set_ylabel("mean PSNR (dB)")
+    axis.set_title("Fitting progress")
+    figure.tight_layout()
+    return figure
+
+
+def save_figure(figure: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    return path

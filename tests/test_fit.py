@@ -1,0 +1,144 @@
+"""Fitting and pruning on real photographs (scikit-image's astronaut and coffee, resized to 64x64).
+
+64x64 with 256 splats has the density of the paper's 224x224 with 3136 (one splat per 16 pixels),
+and 400 splats that of 4900, where the paper compares structured and random init. Thresholds were
+measured on this 2-core CPU (numbers in each test) and set a little below what was seen.
+"""
+
+import pytest
+import torch
+
+import gsclip_lib.fit as fit_module
+from gsclip_lib.fit import FitSettings, fit_splats
+from gsclip_lib.photos import load_photos
+from gsclip_lib.prune import PruneSettings, luminance_score, prune_and_finetune, prune_by_luminance
+
+SIZE = 64
+ITERATIONS = 150
+
+
+@pytest.fixture(scope="module")
+def photos() -> torch.Tensor:
+    return load_photos(["astronaut", "coffee"], SIZE)
+
+
+@pytest.fixture(scope="module")
+def fitted(photos):
+    return fit_splats(photos, 256, FitSettings(iterations=ITERATIONS), progress=False)
+
+
+def test_fit_reaches_measured_psnr(fitted):
+    # Measured: astronaut 27.3 dB, coffee 31.6 dB after 150 iterations (grid init 18.7 dB mean).
+    assert fitted.psnr[0] > 26.0
+    assert fitted.psnr[1] > 30.0
+    history = fitted.history["psnr"]
+    assert history[-1] > history[0] + 6.0, "fitting must improve on the grid init by a wide margin"
+    assert fitted.dropped == [] and fitted.retried == []
+    assert fitted.splats.counts().tolist() == [256, 256]
+    assert (fitted.splats.cholesky[..., [0, 2]] >= 0.3 - 1e-6).all(), "min_scale floor not kept"
+
+
+def test_structured_init_beats_random_init(photos):
+    settings = FitSettings(iterations=ITERATIONS)
+    grid = fit_splats(photos, 400, settings, progress=False)
+    random = fit_splats(photos, 400, FitSettings(iterations=ITERATIONS, init="random"), progress=False)
+    # Measured: grid 30.9 / 34.5 dB, random 26.3 / 28.4 dB (the paper: +7 dB at 4900 on 224x224).
+    assert (grid.psnr - random.psnr).min() > 3.0
+
+
+def test_fit_is_deterministic_for_a_seed(photos):
+    settings = FitSettings(iterations=20, init="gradient", seed=3)
+    first = fit_splats(photos, 100, settings, progress=False)
+    second = fit_splats(photos, 100, settings, progress=False)
+    torch.testing.assert_close(first.splats.positions, second.splats.positions, rtol=0, atol=0)
+    torch.testing.assert_close(first.splats.colours, second.splats.colours, rtol=0, atol=0)
+    other_seed = fit_splats(photos, 100, FitSettings(iterations=0, init="gradient", seed=4), progress=False)
+    assert not torch.equal(first.splats.positions, other_seed.splats.positions)
+
+
+def test_an_image_fits_the_same_alone_and_in_a_batch(photos):
+    settings = FitSettings(iterations=30)
+    batch = fit_splats(photos, 64, settings, progress=False)
+    alone = fit_splats(photos[1:], 64, settings, progress=False)
+    # Summed per-image losses and per-element Adam make images independent; only float
+    # summation order inside the scatter can differ.
+    torch.testing.assert_close(batch.splats.positions[1:], alone.splats.positions, rtol=1e-4, atol=1e-4)
+    assert abs(float(batch.psnr[1] - alone.psnr[0])) < 0.01
+
+
+def _inject_nan(monkeypatch, image: int, until_iteration: int) -> None:
+    calls = {"n": 0}
+    original = fit_module.render_splats
+
+    def render_with_nan(splats, height, width, **kwargs):
+        out = original(splats, height, width, **kwargs)
+        calls["n"] += 1
+        if calls["n"] <= until_iteration and splats.positions.requires_grad:
+            out = out.clone()
+            out[image] = float("nan")
+        return out
+
+    monkeypatch.setattr(fit_module, "render_splats", render_with_nan)
+
+
+def test_non_finite_image_is_restarted_and_recovers(photos, monkeypatch):
+    _inject_nan(monkeypatch, image=1, until_iteration=3)
+    result = fit_splats(photos, 64, FitSettings(iterations=40, max_retries=5), progress=False)
+    assert result.retried == [1]
+    assert result.dropped == []
+    assert torch.isfinite(result.psnr).all()
+    # The restarted image lost a few iterations, not its fit.
+    clean = fit_splats(photos, 64, FitSettings(iterations=35), progress=False)
+    assert result.psnr[1] > clean.psnr[1] - 0.5
+
+
+def test_image_that_stays_non_finite_is_dropped_not_kept(photos, monkeypatch):
+    _inject_nan(monkeypatch, image=0, until_iteration=10**6)
+    result = fit_splats(photos, 64, FitSettings(iterations=10, max_retries=1), progress=False)
+    assert result.dropped == [0]
+    assert torch.isnan(result.psnr[0]) and torch.isfinite(result.psnr[1])
+    assert result.splats.counts().tolist() == [0, 64]
+    assert result.kept.tolist() == [False, True]
+
+
+def test_prune_to_target_count_keeps_the_brightest(fitted):
+    pruned = prune_by_luminance(fitted.splats, target_count=192)
+    assert pruned.num_slots == 192 and pruned.counts().tolist() == [192, 192]
+    scores = luminance_score(fitted.splats.colours)
+    kept_scores = luminance_score(pruned.colours)
+    # Everything kept is at least as bright as everything dropped.
+    for image in range(2):
+        threshold = kept_scores[image].min()
+        assert int((scores[image] >= threshold).sum()) >= 192
+        assert int((scores[image] > threshold).sum()) <= 192
+
+
+def test_prune_by_threshold_removes_dim_splats_at_bounded_cost(photos, fitted):
+    tau = 0.05
+    result = prune_and_finetune(photos, fitted.splats, PruneSettings(threshold=tau), FitSettings(), progress=False)
+    counts = result.splats.counts()
+    assert (counts < 256).all() and (counts > 150).all()
+    assert (luminance_score(result.splats.colours)[result.splats.valid] >= tau).all()
+    # Measured: 235 / 224 splats left, PSNR 27.3 -> 27.1 and 31.6 -> 28.4 dB (no fine-tune).
+    drop = fitted.psnr - result.psnr
+    assert (drop >= -1e-3).all() and (drop < 4.0).all()
+
+
+def test_fine_tune_recovers_part_of_the_pruning_loss(photos, fitted):
+    prune = PruneSettings(target_count=128)
+    cut = prune_and_finetune(photos, fitted.splats, prune, FitSettings(), progress=False)
+    tuned = prune_and_finetune(
+        photos, fitted.splats, PruneSettings(target_count=128, finetune_iterations=50), FitSettings(), progress=False
+    )
+    # Measured: halving the count drops to 13-14 dB; 50 fine-tune steps bring back 20-21 dB.
+    assert (tuned.psnr > cut.psnr + 4.0).all()
+    assert tuned.splats.counts().tolist() == [128, 128]
+
+
+def test_prune_settings_need_exactly_one_criterion():
+    with pytest.raises(ValueError, match="exactly one"):
+        PruneSettings()
+    with pytest.raises(ValueError, match="exactly one"):
+        PruneSettings(threshold=0.1, target_count=4)
+    with pytest.raises(ValueError, match="1 or 3 colour channels"):
+        luminance_score(torch.rand(1, 4, 2))
