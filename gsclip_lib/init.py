@@ -11,8 +11,9 @@
 One choice the paper leaves open, made here: the render is a sum, and neighbouring Gaussians overlap,
 so a grid of splats that each carry the cell's mean colour renders a flat region about
 2 pi sigma^2 / cell_area = 1.57 times too bright. Every initializer therefore scales colours by
-``cell_area / (2 pi sigma^2)``, the factor that makes a flat image render flat. (Measured on the
-skimage photos at 224x224 and 3136 splats, this starts about 8 dB closer than the unscaled mean.)
+``cell_area / (2 pi sigma^2)``, the factor that makes a flat image render flat. (Measured on four
+scikit-image photos at 224x224, the scaled grid starts at 24.4 dB with 3136 splats and 19.6 dB with
+400, the unscaled mean at 13.7 and 13.2 dB.)
 
 When N is not a product of two grid sides (for example 22 splats on 28x28) the grid takes the largest
 rows x cols <= N with the image's aspect ratio; the remaining splats start at the centres of the cells
