@@ -34,9 +34,9 @@ class FitSettings:
 
     iterations: int = 500  # optimizer steps
     init: str = "grid"  # grid | gradient | random
-    lr_positions: float = 0.05  # Adam step size for centres, pixels
-    lr_cholesky: float = 0.02  # ... for the Cholesky factors, pixels
-    lr_colours: float = 0.01  # ... for the colours
+    lr_positions: float = 0.2  # Adam step size for centres, pixels
+    lr_cholesky: float = 0.1  # ... for the Cholesky factors, pixels
+    lr_colours: float = 0.005  # ... for the colours
     colour_l1: float = 1e-6  # lambda of the L1 penalty on colours
     min_scale: float = 0.3  # floor of the Cholesky diagonal, pixels
     cutoff: float = DEFAULT_CUTOFF  # render cutoff, standard deviations

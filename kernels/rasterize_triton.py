@@ -14,8 +14,8 @@ Layered as the Triton tutorials and Liger-Kernel do: private ``@triton.jit`` ker
 per direction, a ``torch.autograd.Function`` and one public function, ``rasterize_triton``.
 Works on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (set before import).
 
-One deliberate difference from the twin: an invalid splat is fully inert here, even when its
-parameters are garbage (a zero Cholesky factor, NaNs), whereas the twin lets ``0 * NaN`` through.
+An invalid splat is fully inert, even when its parameters are garbage (a zero Cholesky factor,
+NaNs): like the twin, the kernels swap in a colourless unit splat for it.
 """
 
 from __future__ import annotations
@@ -142,6 +142,8 @@ def _rasterize_fwd_kernel(
         col_offs = (pid_b * N + offs_n)[:, None] * C + offs_c[None, :]
         col_mask = (offs_n < N)[:, None] & mask_c[None, :]
         col = tl.load(colours_ptr + col_offs, mask=col_mask, other=0.0)
+        # A dead splat's colour may be garbage too, and 0 * NaN is NaN: zero it outright.
+        col = tl.where(live[:, None], col, 0.0)
 
         # acc[p, c] += sum_n w[p, n] * col[n, c]. A broadcast-and-reduce rather than tl.dot: C is
         # tiny (1 or 3), far below tl.dot's 16-wide minimum, and tl.dot's TF32 default on GPUs
@@ -190,6 +192,7 @@ def _rasterize_bwd_kernel(
     col_offs = (pid_b * N + offs_n)[:, None] * C + offs_c[None, :]
     col_mask = mask_n[:, None] & mask_c[None, :]
     col = tl.load(colours_ptr + col_offs, mask=col_mask, other=0.0)  # [BLOCK_N, C_PAD]
+    col = tl.where(live[:, None], col, 0.0)  # garbage in a dead slot must not reach g_w
 
     # Per-splat gradient accumulators, summed over pixels.
     g_col = tl.zeros((BLOCK_N, C_PAD), dtype=tl.float32)

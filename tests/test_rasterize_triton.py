@@ -86,7 +86,9 @@ def test_invalid_splats_are_inert() -> None:
     garbage_cholesky[invalid] = 0.0
     garbage_positions = positions.clone()
     garbage_positions[invalid] = math.nan
-    garbage = rasterize_triton(garbage_positions, garbage_cholesky, colours, valid, H, W, 3.0)
+    garbage_colours = colours.clone()
+    garbage_colours[invalid] = math.nan
+    garbage = rasterize_triton(garbage_positions, garbage_cholesky, garbage_colours, valid, H, W, 3.0)
     assert torch.isfinite(garbage).all()
     torch.testing.assert_close(garbage, image, rtol=0, atol=0)
 
