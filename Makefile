@@ -6,7 +6,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: repro test venv bench clean-venv
+.PHONY: repro test venv data bench clean-venv
+
+# The embedded default's data: Debian's dataset-fashion-mnist (MIT). Its folder is a parameter
+# (data.fashion_mnist_dir in params.yaml); the package is installed only into its default folder.
+FASHION_MNIST_DEFAULT := /usr/share/datasets/fashion-mnist
+FASHION_MNIST_DIR = $(shell $(BIN)/python -c "from gsclip_lib.config import read_params; print(read_params('params.yaml')['data']['fashion_mnist_dir'])")
 
 venv: $(STAMP)
 
@@ -18,10 +23,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-repro: $(STAMP)
+data: $(STAMP)
+	@dir="$(FASHION_MNIST_DIR)"; \
+	if [ -f "$$dir/train-images-idx3-ubyte.gz" ] && [ -f "$$dir/t10k-labels-idx1-ubyte.gz" ]; then \
+	  echo "Fashion-MNIST: $$dir"; \
+	elif [ "$$dir" = "$(FASHION_MNIST_DEFAULT)" ] && [ "$$(id -u)" = 0 ]; then \
+	  echo "Fashion-MNIST missing: installing Debian's dataset-fashion-mnist"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+	  echo "Fashion-MNIST is missing from $$dir." >&2; \
+	  echo "Install it with 'sudo apt-get install dataset-fashion-mnist', or set data.fashion_mnist_dir" >&2; \
+	  echo "in params.yaml to a folder holding the four idx .gz files of Fashion-MNIST." >&2; \
+	  exit 1; \
+	fi
+
+repro: $(STAMP) data
 	. $(BIN)/activate && dvc repro
 
-test: $(STAMP)
+test: $(STAMP) data
 	. $(BIN)/activate && python -m pytest -q
 
 bench: $(STAMP)

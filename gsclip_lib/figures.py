@@ -16,6 +16,9 @@ import seaborn as sns  # noqa: E402
 from matplotlib.patches import Ellipse  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from gsclip_lib.data_stages import load_level_examples  # noqa: E402
+from gsclip_lib.image_quality import psnr  # noqa: E402
+from gsclip_lib.render import render_splats  # noqa: E402
 from gsclip_lib.splats import Splats  # noqa: E402
 
 
@@ -132,3 +135,34 @@ def save_figure(figure: plt.Figure, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110, bbox_inches="tight")
     return path
+
+
+def plot_captioned_samples(samples: list, columns: int = 8) -> plt.Figure:
+    """Image-text samples (anything with ``.image [C, H, W]`` and ``.caption``) with their captions."""
+    rows = math.ceil(len(samples) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.3 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, sample in zip(axes.flat, samples):
+        axis.imshow(_to_display(sample.image), cmap="gray")
+        axis.set_title(sample.caption, fontsize=6, wrap=True)
+    figure.tight_layout()
+    return figure
+
+
+def plot_level_examples(config, counts: list[int], split: str = "eval", count: int = 6) -> plt.Figure:
+    """Originals of a split beside their renders and ellipses at each level in ``counts``."""
+    examples = load_level_examples(config, counts, split, count)
+    size, settings = config.image_size, config.optimizer
+    renders = {
+        level: render_splats(splats, size, size, backend=settings.backend, cutoff=settings.cutoff)
+        for level, splats in examples.splats.items()
+    }
+    quality = {level: psnr(examples.images, render) for level, render in renders.items()}
+    return plot_fit_gallery(
+        examples.images,
+        {level: render.clamp(0, 1) for level, render in renders.items()},
+        splats=examples.splats,
+        titles=[caption[:28] for caption in examples.captions],
+        psnr_by_count=quality,
+    )

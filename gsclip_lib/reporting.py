@@ -42,3 +42,7 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 def write_csv(path: str | Path, table: pd.DataFrame) -> Path:
     return _atomic_write(Path(path), lambda stream: table.to_csv(stream, index=False))
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return _atomic_write(Path(path), lambda stream: stream.write(text))

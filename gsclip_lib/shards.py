@@ -39,6 +39,7 @@ good sample (a worker whose shards hold no good sample at all has nothing to car
 from __future__ import annotations
 
 import dataclasses
+import glob
 import io
 import json
 import logging
@@ -150,14 +151,19 @@ class SkipSample(Exception):
 def expand_shard_spec(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """The shard paths or URLs a spec names, in order.
 
-    ``spec`` is a brace pattern (``data/train-{000000..000009}.tar``; several joined by ``::``), one
-    path, a folder (its ``*.tar``, ``*.tar.gz``, ``*.tgz`` files, sorted, hidden ones left out) or a
+    ``spec`` is a brace pattern (``data/train-{000000..000009}.tar``; several joined by ``::``), a
+    local glob (``data/train-*.tar``), one path, a folder (its ``*.tar``, ``*.tar.gz``, ``*.tgz`` files, sorted, hidden ones left out) or a
     list of any of these. Anything webdataset can open works (``pipe:...``, ``https://...``).
     """
     if isinstance(spec, (str, os.PathLike)):
         text = os.fspath(spec)
         if os.path.isdir(text):
             return list_shards(text)
+        if "://" not in text and not text.startswith("pipe:") and any(ch in text for ch in "*?["):
+            matches = sorted(glob.glob(text))
+            if not matches:
+                raise ValueError(f"no shard matches {text!r}")
+            return matches
         return list(expand_urls(text))
     if isinstance(spec, Sequence):
         shards: list[str] = []

@@ -7,13 +7,20 @@ import pytest
 import yaml
 
 from gsclip_lib.config import build_config, config_to_dict, load_stage_config
+from gsclip_lib.data_stages import DataConfig, FitStageConfig, PruneStageConfig
 from gsclip_lib.fit import FitSettings
 from gsclip_lib.paths import PathsConfig
 from gsclip_lib.photo_fits import PhotoFitConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every group of params.yaml and the dataclass that reads it.
-STAGE_CONFIGS = {"paths": PathsConfig, "fit_photos": PhotoFitConfig}
+STAGE_CONFIGS = {
+    "paths": PathsConfig,
+    "fit_photos": PhotoFitConfig,
+    "data": DataConfig,
+    "fit": FitStageConfig,
+    "prune": PruneStageConfig,
+}
 
 
 def _field_tree(cls) -> dict:
