@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from gsclip_lib.image_quality import psnr
 from gsclip_lib.init import INIT_METHODS, initialize_splats
+from gsclip_lib.progress import progress_bar
 from gsclip_lib.render import BACKENDS, DEFAULT_CUTOFF, check_cutoff, render_splats
 from gsclip_lib.splats import Splats, check_images, check_same_batch, check_splat_count
 
@@ -130,7 +131,7 @@ def fit_splats(
         return render_splats(current, height, width, backend=settings.backend, cutoff=settings.cutoff)
 
     start = time.perf_counter()
-    bar = tqdm(range(settings.iterations), desc=description, disable=not progress, leave=False)
+    bar = progress_bar(range(settings.iterations), desc=description, disable=not progress, leave=False)
     for iteration in bar:
         rendered = render()
         losses = fit_loss_per_image(rendered, images, colours, valid, settings.colour_l1)

@@ -45,7 +45,6 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 import webdataset as wds
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from gsclip_lib.codec import (
     CodecError,
@@ -55,6 +54,7 @@ from gsclip_lib.codec import (
     payload_bytes,
 )
 from gsclip_lib.fit import FitSettings, fit_splats
+from gsclip_lib.progress import progress_bar
 from gsclip_lib.prune import prune_by_luminance
 from gsclip_lib.shards import (
     CAPTION_EXTENSION,
@@ -386,7 +386,7 @@ def fit_shards_to_splats(
     out_dir = _check_common(batch_size, out_dir)
     shards = _owned_shards(source, rank, world_size)
     stats = SplatShardStats()
-    for source_shard in tqdm(shards, desc=f"fit {num_splats}", disable=not progress):
+    for source_shard in progress_bar(shards, desc=f"fit {num_splats}", disable=not progress):
         final = os.path.join(out_dir, splat_shard_name(source_shard))
         if _existing_shard_is_complete(final, verify_existing):
             stats.shards_skipped += 1
@@ -526,7 +526,7 @@ def prune_splat_shards(
     settings = dataclasses.replace(fit_settings, iterations=finetune_iterations)
     shards = _owned_shards(in_spec, rank, world_size)
     stats = SplatShardStats()
-    for splat_shard in tqdm(shards, desc=f"prune to {target_count}", disable=not progress):
+    for splat_shard in progress_bar(shards, desc=f"prune to {target_count}", disable=not progress):
         final = os.path.join(out_dir, splat_shard_name(splat_shard))
         if _existing_shard_is_complete(final, verify_existing):
             stats.shards_skipped += 1
