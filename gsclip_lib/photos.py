@@ -13,7 +13,7 @@ from skimage.transform import resize
 from torch import Tensor
 
 # RGB photographs bundled with scikit-image (no download needed).
-PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "hubble_deep_field")
+PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
 
 
 def load_photo(name: str, size: int) -> np.ndarray:  # [size, size, 3] uint8
