@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import matplotlib
@@ -131,9 +132,12 @@ def plot_psnr_history(history: pd.DataFrame, hue: str = "splats") -> plt.Figure:
 
 
 def save_figure(figure: plt.Figure, path: str | Path) -> Path:
+    """Save atomically (temporary name, then rename), so a crash never leaves half a PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110, bbox_inches="tight")
+    temporary = path.with_name(f".{path.name}.tmp{path.suffix}")
+    figure.savefig(temporary, dpi=110, bbox_inches="tight")
+    os.replace(temporary, path)
     return path
 
 
@@ -166,3 +170,79 @@ def plot_level_examples(config, counts: list[int], split: str = "eval", count: i
         titles=[caption[:28] for caption in examples.captions],
         psnr_by_count=quality,
     )
+
+
+def plot_zero_shot_against_ratio(evaluation: dict) -> plt.Figure:
+    """The paper's main result, redrawn: zero-shot top-1 against compression ratio.
+
+    RGB pixels are a horizontal line (ratio 1); each splat level is a point at its real ratio; the
+    JPEG and thumbnail baselines sit at the ratio of the bytes they actually used.
+    """
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    rgb_top1 = 100 * evaluation["rgb"]["top1"]
+    source = evaluation["rgb"]["source_bytes"]
+    axis.axhline(rgb_top1, color="black", linestyle="--", label=f"RGB pixels ({rgb_top1:.1f} %)")
+    levels = sorted(evaluation["levels"].values(), key=lambda row: row["ratio_payload"])
+    axis.plot(
+        [row["ratio_payload"] for row in levels], [100 * row["top1"] for row in levels],
+        marker="o", label="splat encoder",
+    )
+    for row in levels:
+        axis.annotate(f"N={row['splats']}", (row["ratio_payload"], 100 * row["top1"]), fontsize=8,
+                      textcoords="offset points", xytext=(4, 4))
+    for method, marker in (("jpeg", "s"), ("thumbnail", "^")):
+        rows = [row for row in evaluation.get("baselines", []) if row["method"] == method]
+        if rows:
+            ratios = [source / row["mean_bytes"] for row in rows]
+            over = [row.get("over_budget_images", 0) > 0 for row in rows]
+            axis.scatter(ratios, [100 * row["top1"] for row in rows], marker=marker,
+                         label=f"RGB on {method}, same bytes", zorder=3)
+            for ratio, row, is_over in zip(ratios, rows, over):
+                if is_over:
+                    axis.annotate("over budget", (ratio, 100 * row["top1"]), fontsize=7, color="grey",
+                                  textcoords="offset points", xytext=(4, -10))
+    chance = 100 / len(evaluation["rgb"].get("per_class_top1", [None] * 10))
+    axis.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.0f} %)")
+    axis.set_xscale("log")
+    axis.set_xlabel("compression ratio (source bytes / stored bytes)")
+    axis.set_ylabel("zero-shot top-1 (%)")
+    axis.set_title("Zero-shot accuracy against compression")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def plot_training_curves(histories: dict[str, list[dict]]) -> plt.Figure:
+    """Loss against step for every training stage (one panel each)."""
+    names = [name for name, rows in histories.items() if rows]
+    columns = min(4, max(1, len(names)))
+    rows_count = math.ceil(len(names) / columns) if names else 1
+    figure, axes = plt.subplots(rows_count, columns, figsize=(3.6 * columns, 2.8 * rows_count), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, name in zip(axes.flat, names):
+        axis.axis("on")
+        table = pd.DataFrame(histories[name])
+        axis.plot(table["step"], table["loss"])
+        axis.set_title(name, fontsize=9)
+        axis.set_xlabel("step")
+        axis.set_ylabel("loss")
+    figure.tight_layout()
+    return figure
+
+
+def plot_stage_times(stage_seconds: dict[str, float], throughput: dict[str, float] | None = None) -> plt.Figure:
+    """Wall time of every stage, and fitting throughput (images/s) where known."""
+    panels = 2 if throughput else 1
+    figure, axes = plt.subplots(1, panels, figsize=(6 * panels, 3.8), squeeze=False)
+    names = list(stage_seconds)
+    sns.barplot(x=[stage_seconds[name] / 60 for name in names], y=names, ax=axes[0, 0], color="steelblue")
+    axes[0, 0].set_xlabel("minutes")
+    axes[0, 0].set_title(f"Stage wall time (total {sum(stage_seconds.values()) / 60:.1f} min)")
+    if throughput:
+        labels = list(throughput)
+        sns.barplot(x=[throughput[name] for name in labels], y=labels, ax=axes[0, 1], color="seagreen")
+        axes[0, 1].set_xlabel("images per second")
+        axes[0, 1].set_title("Fitting throughput")
+    figure.tight_layout()
+    return figure

@@ -7,7 +7,10 @@ import pytest
 import yaml
 
 from gsclip_lib.config import build_config, config_to_dict, load_stage_config
+from gsclip_lib.clip_models import RgbModelConfig
+from gsclip_lib.clip_stages import AlignStageConfig, EvaluateConfig
 from gsclip_lib.data_stages import DataConfig, FitStageConfig, PruneStageConfig
+from gsclip_lib.rgb_pretrain import PretrainConfig
 from gsclip_lib.fit import FitSettings
 from gsclip_lib.paths import PathsConfig
 from gsclip_lib.photo_fits import PhotoFitConfig
@@ -20,6 +23,10 @@ STAGE_CONFIGS = {
     "data": DataConfig,
     "fit": FitStageConfig,
     "prune": PruneStageConfig,
+    "model": RgbModelConfig,
+    "pretrain": PretrainConfig,
+    "align": AlignStageConfig,
+    "evaluate": EvaluateConfig,
 }
 
 

@@ -1,0 +1,96 @@
+"""Gather every stage's metrics JSON for the figures stage and the README's results table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+# Stage name -> its metrics file under the reports folder; per-level stages add N<level>.
+STAGE_METRICS = {
+    "fit_photos": "fit_photos/metrics.json",
+    "prepare": "prepare/metrics.json",
+    "fit": "fit/metrics.json",
+    "pretrain": "pretrain/metrics.json",
+    "evaluate": "evaluate/metrics.json",
+}
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics file missing: {path} (run `dvc repro` to produce it)")
+    return json.loads(path.read_text())
+
+
+def collect_reports(reports: str | Path, levels: list[int], prune_levels: list[int]) -> dict[str, Any]:
+    """Every stage's metrics, keyed by stage (``prune/N11``, ``align/N22``, ...)."""
+    root = Path(reports)
+    collected = {stage: _read(root / relative) for stage, relative in STAGE_METRICS.items()}
+    for level in prune_levels:
+        collected[f"prune/N{level}"] = _read(root / "prune" / f"N{level}" / "metrics.json")
+    for level in levels:
+        collected[f"align/N{level}"] = _read(root / "align" / f"N{level}" / "metrics.json")
+    return collected
+
+
+def training_histories(collected: dict[str, Any]) -> dict[str, list[dict]]:
+    """Loss curves of every training stage: the RGB pretraining and both stages of every level."""
+    histories = {"pretrain RGB CLIP": collected["pretrain"].get("history", [])}
+    for stage, metrics in collected.items():
+        if stage.startswith("align/"):
+            level = stage.split("/")[1]
+            histories[f"distill {level}"] = metrics["distill"]["history"]
+            histories[f"align {level}"] = metrics["contrastive"]["history"]
+    return histories
+
+
+def stage_seconds(collected: dict[str, Any]) -> dict[str, float]:
+    return {stage: float(metrics.get("stage_seconds", 0.0)) for stage, metrics in collected.items()}
+
+
+def fitting_throughput(collected: dict[str, Any]) -> dict[str, float]:
+    """Images per second of every fitting step that reports it."""
+    throughput = {}
+    fit = collected["fit"]
+    for split in ("train", "eval"):
+        if fit.get(split, {}).get("images_per_second"):
+            throughput[f"fit N{fit[split]['splats']} {split}"] = fit[split]["images_per_second"]
+    for count, level in collected["fit_photos"].get("levels", {}).items():
+        if level.get("fit_seconds_per_image"):
+            throughput[f"photo 224px {count}"] = 1.0 / level["fit_seconds_per_image"]
+    return throughput
+
+
+def results_table(collected: dict[str, Any]) -> pd.DataFrame:
+    """One row per representation: bytes, ratio, zero-shot top-1 and top-5 (the README's table)."""
+    evaluation = collected["evaluate"]
+    rows = [{
+        "representation": "RGB pixels",
+        "bytes": evaluation["rgb"]["source_bytes"],
+        "ratio": 1.0,
+        "top1": evaluation["rgb"]["top1"],
+        "top5": evaluation["rgb"]["top5"],
+    }]
+    for name, level in evaluation["levels"].items():
+        rows.append({
+            "representation": f"splats {name}",
+            "bytes": level["payload_bytes"],
+            "ratio": level["ratio_payload"],
+            "top1": level["top1"],
+            "top5": level["top5"],
+        })
+    for row in evaluation.get("baselines", []):
+        rows.append({
+            "representation": f"{row['method']} at {row['level']} budget",
+            "bytes": row["mean_bytes"],
+            "ratio": evaluation["rgb"]["source_bytes"] / row["mean_bytes"],
+            "top1": row["top1"],
+            "top5": row["top5"],
+        })
+    table = pd.DataFrame(rows)
+    table[["top1", "top5"]] = (100 * table[["top1", "top5"]]).round(1)
+    table["ratio"] = table["ratio"].round(2)
+    table["bytes"] = table["bytes"].round(1)
+    return table

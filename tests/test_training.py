@@ -1,0 +1,238 @@
+"""The training loop (gsclip_lib.training) and RGB pretraining on tiny synthetic image-text shards."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from torch import nn
+
+from gsclip_lib.clip_models import RgbModelConfig, create_rgb_clip
+from gsclip_lib.rgb_pretrain import PretrainConfig, pretrain_rgb
+from gsclip_lib.shards import write_image_text_shards
+from gsclip_lib.training import (
+    NonFiniteLossError,
+    OptimConfig,
+    cosine_with_warmup,
+    excluded_from_weight_decay,
+    load_checkpoint,
+    train,
+)
+
+# A CLIP small enough to train in seconds: 8x8 inputs, 2x2 patches of 4x4, one block per tower.
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 8, "patch_size": 4, "width": 32, "head_width": 16, "layers": 1},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+TINY_NAME = "gsclip-test-tiny"
+SHAPES = ("circle", "square", "stripe", "cross")
+
+
+def register_tiny_clip(folder) -> str:
+    path = folder / f"{TINY_NAME}.json"
+    path.write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(path)
+    return TINY_NAME
+
+
+def synthetic_samples(count: int, seed: int = 0, size: int = 8):
+    """Separable image-text pairs: class k lights up quadrant k; the caption names the class."""
+    rng = np.random.default_rng(seed)
+    half = size // 2
+    for index in range(count):
+        label = index % len(SHAPES)
+        image = rng.integers(0, 40, size=(size, size)).astype(np.uint8)
+        row, col = divmod(label, 2)
+        image[row * half : (row + 1) * half, col * half : (col + 1) * half] += 200
+        yield f"sample{index:05d}", image, f"a photo of a {SHAPES[label]}.", {"label": label}
+
+
+def write_synthetic_shards(folder, count: int = 64, per_shard: int = 16) -> str:
+    write_image_text_shards(synthetic_samples(count), str(folder / "train-%06d.tar"), per_shard)
+    return str(folder / "train-*.tar")
+
+
+class TinyNet(nn.Module):
+    """A frozen stem, a trainable head with dropout (so the RNG state matters on resume)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(6, 8)
+        self.head = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Dropout(0.2), nn.LayerNorm(16), nn.Linear(16, 3))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.head(self.stem(x))
+
+
+def regression_data(seed: int = 0, count: int = 96):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(count, 6, generator=generator)
+    y = x[:, :3] * 2.0 - x[:, 3:]
+    return x, y
+
+
+def make_batches(data, batch_size: int = 16, stop_at_epoch: int | None = None):
+    x, y = data
+
+    def batches(epoch: int):
+        if stop_at_epoch is not None and epoch == stop_at_epoch:
+            raise KeyboardInterrupt  # the run "dies" as this epoch starts
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(100 + epoch))
+        for start in range(0, len(x), batch_size):
+            rows = order[start : start + batch_size]
+            yield x[rows], y[rows]
+
+    return batches
+
+
+def mse_loss(model, batch):
+    x, y = batch
+    loss = ((model(x) - y) ** 2).mean()
+    return loss, {"scale": 1.0}
+
+
+def fresh_model(head_seed: int) -> TinyNet:
+    """The same frozen stem every time (as a pretrained backbone would be); the head drawn from ``head_seed``."""
+    torch.manual_seed(1)
+    model = TinyNet()
+    model.stem.requires_grad_(False)
+    torch.manual_seed(head_seed)
+    for module in model.head:
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return model
+
+
+CONFIG = OptimConfig(epochs=2, batch_size=16, lr=1e-2, weight_decay=0.1, warmup_steps=3, grad_clip=1.0, seed=0,
+                     log_every=2)
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path):
+    data = regression_data()
+    straight = fresh_model(head_seed=1)
+    result = train(straight, mse_loss, make_batches(data), 6, CONFIG, tmp_path / "straight", progress=False)
+    assert result.steps == 12 and result.resumed_from_step == 0
+
+    interrupted = fresh_model(head_seed=1)
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, mse_loss, make_batches(data, stop_at_epoch=1), 6, CONFIG, tmp_path / "resumed",
+              progress=False)
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
+    torch.manual_seed(12345)  # a new process: other global RNG state, other initial weights
+    restarted = fresh_model(head_seed=2)
+    resumed = train(restarted, mse_loss, make_batches(data), 6, CONFIG, tmp_path / "resumed", progress=False)
+    assert resumed.resumed_from_step == 6 and resumed.steps == 12
+
+    # Exactly equal: the same operations on the same numbers, dropout masks included.
+    for (name, a), (_, b) in zip(straight.state_dict().items(), restarted.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs after resuming")
+    assert [row["loss"] for row in resumed.history] == [row["loss"] for row in result.history]
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    data = regression_data()
+    train(fresh_model(1), mse_loss, make_batches(data), 6, CONFIG, tmp_path, progress=False)
+    other = OptimConfig(**{**CONFIG.__dict__, "lr": 5e-3, "epochs": 3})
+    with pytest.raises(ValueError, match=r"cannot resume from .*last\.pt.*epochs: 2 in the checkpoint, 3 now.*lr"):
+        train(fresh_model(1), mse_loss, make_batches(data), 6, other, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="steps_per_epoch: 6 in the checkpoint, 5 now"):
+        train(fresh_model(1), mse_loss, make_batches(data), 5, CONFIG, tmp_path, progress=False)
+    # log_every only changes what is recorded: resuming with another one is allowed (here: nothing left to do).
+    done = train(fresh_model(1), mse_loss, make_batches(data), 6, OptimConfig(**{**CONFIG.__dict__, "log_every": 5}),
+                 tmp_path, progress=False)
+    assert done.resumed_from_step == done.steps == 12
+
+
+def test_finished_run_returns_its_final_state(tmp_path):
+    data = regression_data()
+    first = fresh_model(1)
+    train(first, mse_loss, make_batches(data), 6, CONFIG, tmp_path, progress=False)
+    again = fresh_model(3)
+    result = train(again, mse_loss, make_batches(data), 6, CONFIG, tmp_path, progress=False)
+    assert result.steps == result.resumed_from_step == 12
+    torch.testing.assert_close(again.head.state_dict(), first.head.state_dict(), rtol=0, atol=0)
+    assert int(again.calls) == int(first.calls) == 12  # buffers travel with the checkpoint
+
+
+def test_frozen_parameters_stay_bit_identical(tmp_path):
+    model = fresh_model(1)
+    stem_before = {k: v.clone() for k, v in model.stem.state_dict().items()}
+    head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
+    train(model, mse_loss, make_batches(regression_data()), 6, CONFIG, tmp_path, progress=False)
+    for name, value in model.stem.state_dict().items():
+        assert torch.equal(value, stem_before[name]), f"frozen stem.{name} changed"
+        assert model.stem.get_parameter(name).grad is None
+    assert not torch.equal(model.head[0].weight, head_before["0.weight"])
+    saved = load_checkpoint(tmp_path / "last.pt")["model"]
+    assert not any(key.startswith("stem.") for key in saved)  # frozen weights are not checkpointed
+    assert "calls" in saved
+
+
+def test_short_run_lowers_the_loss_and_logs(tmp_path):
+    model = fresh_model(1)
+    config = OptimConfig(**{**CONFIG.__dict__, "epochs": 4})
+    result = train(model, mse_loss, make_batches(regression_data()), 6, config, tmp_path, progress=False)
+    losses = [row["loss"] for row in result.history]
+    assert len(result.history) == 12  # every 2nd of 24 steps
+    assert losses[-1] < 0.5 * losses[0]
+    assert [row["step"] for row in result.history] == list(range(2, 25, 2))
+    assert set(result.history[0]) >= {"step", "epoch", "loss", "lr", "scale", "grad_norm"}
+    assert result.history[-1]["epoch"] == 4.0
+
+
+def test_non_finite_loss_names_the_step(tmp_path):
+    calls = {"n": 0}
+
+    def exploding(model, batch):
+        calls["n"] += 1
+        loss, metrics = mse_loss(model, batch)
+        return (loss * math.inf if calls["n"] == 9 else loss), metrics
+
+    with pytest.raises(NonFiniteLossError, match=r"loss is (inf|nan) at step 9 of 12 \(epoch 2, batch 3\).*holds the state after epoch 1"):
+        train(fresh_model(1), exploding, make_batches(regression_data()), 6, CONFIG, tmp_path, progress=False)
+
+
+def test_too_few_batches_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"ran out after 6 batches; steps_per_epoch=7"):
+        train(fresh_model(1), mse_loss, make_batches(regression_data()), 7, CONFIG, tmp_path, progress=False)
+
+
+def test_schedule_and_weight_decay_groups():
+    factor = cosine_with_warmup(total_steps=20, warmup_steps=5)
+    assert [factor(s) for s in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert factor(5) == pytest.approx(1.0) and factor(20) == pytest.approx(0.0)
+    assert factor(12) == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 15)))
+    assert excluded_from_weight_decay("visual.ln_pre.weight", torch.zeros(4))
+    assert excluded_from_weight_decay("logit_scale", torch.zeros(()))
+    assert excluded_from_weight_decay("token_embedding.weight", torch.zeros(10, 4))
+    assert excluded_from_weight_decay("visual.positional_embedding", torch.zeros(5, 4))
+    assert not excluded_from_weight_decay("visual.transformer.resblocks.0.mlp.c_fc.weight", torch.zeros(8, 4))
+
+
+def test_pretrain_rgb_learns_synthetic_pairs(tmp_path):
+    name = register_tiny_clip(tmp_path)
+    spec = write_synthetic_shards(tmp_path)
+    optim = OptimConfig(epochs=6, batch_size=16, lr=3e-3, weight_decay=0.0, warmup_steps=4, seed=0, log_every=4)
+    config = PretrainConfig(train_shards=spec, image_size=8, channels=1, optim=optim,
+                            checkpoint_dir=str(tmp_path / "rgb"))
+    metrics = pretrain_rgb(RgbModelConfig(name=name), config, progress=False)
+    assert metrics["train_images"] == 64 and metrics["steps"] == 24
+    losses = [row["loss"] for row in metrics["history"]]
+    assert losses[-1] < 0.6 * losses[0], losses
+
+    # The saved model classifies its training images zero-shot from the captions.
+    clip = create_rgb_clip(RgbModelConfig(name=name, checkpoint=metrics["model_path"]))
+    images = torch.stack([torch.from_numpy(im).float()[None] / 255 for _, im, _, _ in synthetic_samples(64)])
+    labels = torch.arange(64) % len(SHAPES)
+    with torch.no_grad():
+        text = nn.functional.normalize(clip.model.encode_text(clip.tokenize([f"a photo of a {s}." for s in SHAPES])), dim=-1)
+        image = nn.functional.normalize(clip.model.encode_image(clip.prepare_images(images)), dim=-1)
+    accuracy = ((image @ text.T).argmax(-1) == labels).float().mean().item()
+    assert accuracy >= 0.9
