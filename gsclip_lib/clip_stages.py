@@ -22,7 +22,7 @@ import torch
 from gsclip_lib.alignment import AlignConfig, align_level, load_splat_clip
 from gsclip_lib.byte_baselines import evaluate_matched_bytes, splat_level_budgets
 from gsclip_lib.captions import FASHION_MNIST_EVAL_TEMPLATES, OPENAI_IMAGENET_TEMPLATES
-from gsclip_lib.clip_models import RgbModelConfig, create_rgb_clip
+from gsclip_lib.clip_models import RgbModelConfig, create_rgb_clip, save_rgb_clip
 from gsclip_lib.codec import compression_ratio, payload_bytes, record_bytes, source_bytes
 from gsclip_lib.data_stages import FitStageConfig, PruneStageConfig
 from gsclip_lib.fashion_mnist import FASHION_MNIST_CLASSES
@@ -101,6 +101,15 @@ def all_levels(fit: FitStageConfig, prune: PruneStageConfig) -> list[int]:
 
 
 def run_pretrain(model: RgbModelConfig, pretrain: PretrainConfig, *, progress: bool = True) -> dict:
+    """Train the RGB CLIP from scratch, or export the weights the user named as the teacher.
+
+    A model given by a pretrained tag or a checkpoint is used as it is (the paper's teacher is a
+    finished CLIP); it is saved where the later stages look for it.
+    """
+    if model.pretrained or model.checkpoint:
+        rgb = create_rgb_clip(model)
+        path = save_rgb_clip(rgb, Path(pretrain.checkpoint_dir) / "model.pt")
+        return {"exported": True, "source": model.pretrained or model.checkpoint, "model": str(path), "history": []}
     return pretrain_rgb(model, pretrain, progress=progress)
 
 

@@ -42,7 +42,7 @@ def _key_tree(values: dict, like: dict) -> dict:
     return {key: (_key_tree(value, like.get(key) or {}) if isinstance(like.get(key), dict) else None) for key, value in values.items()}
 
 
-@pytest.mark.parametrize("parameter_file", ["params.yaml"])
+@pytest.mark.parametrize("parameter_file", ["params.yaml", "params-tiny.yaml", "params-paper.yaml"])
 def test_every_group_has_a_config_with_exactly_its_keys(parameter_file):
     params = yaml.safe_load((ROOT / parameter_file).read_text())
     assert set(params) == set(STAGE_CONFIGS), "a params.yaml group without a config class, or the reverse"

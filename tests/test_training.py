@@ -30,7 +30,7 @@ TINY_CLIP = {
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
 TINY_NAME = "gsclip-test-tiny"
-SHAPES = ("circle", "square", "stripe", "cross")
+SHAPES = ("horizontal stripes", "vertical stripes", "a checkerboard", "a diagonal")
 
 
 def register_tiny_clip(folder) -> str:
@@ -41,15 +41,15 @@ def register_tiny_clip(folder) -> str:
 
 
 def synthetic_samples(count: int, seed: int = 0, size: int = 8):
-    """Separable image-text pairs: class k lights up quadrant k; the caption names the class."""
+    """Separable image-text pairs: each class is a texture that fills the image (so every patch
+    shows it): horizontal stripes, vertical stripes, a checkerboard, a diagonal; the caption names it."""
     rng = np.random.default_rng(seed)
-    half = size // 2
+    rows, cols = np.mgrid[0:size, 0:size]
+    textures = [rows % 2 == 0, cols % 2 == 0, (rows + cols) % 2 == 0, (rows - cols) % 4 == 0]
     for index in range(count):
         label = index % len(SHAPES)
-        image = rng.integers(0, 40, size=(size, size)).astype(np.uint8)
-        row, col = divmod(label, 2)
-        image[row * half : (row + 1) * half, col * half : (col + 1) * half] += 200
-        yield f"sample{index:05d}", image, f"a photo of a {SHAPES[label]}.", {"label": label}
+        image = rng.integers(0, 50, size=(size, size)).astype(np.uint8) + 200 * textures[label].astype(np.uint8)
+        yield f"sample{index:05d}", image, f"a photo of {SHAPES[label]}.", {"label": label}
 
 
 def write_synthetic_shards(folder, count: int = 64, per_shard: int = 16) -> str:
@@ -232,7 +232,7 @@ def test_pretrain_rgb_learns_synthetic_pairs(tmp_path):
     images = torch.stack([torch.from_numpy(im).float()[None] / 255 for _, im, _, _ in synthetic_samples(64)])
     labels = torch.arange(64) % len(SHAPES)
     with torch.no_grad():
-        text = nn.functional.normalize(clip.model.encode_text(clip.tokenize([f"a photo of a {s}." for s in SHAPES])), dim=-1)
+        text = nn.functional.normalize(clip.model.encode_text(clip.tokenize([f"a photo of {s}." for s in SHAPES])), dim=-1)
         image = nn.functional.normalize(clip.model.encode_image(clip.prepare_images(images)), dim=-1)
     accuracy = ((image @ text.T).argmax(-1) == labels).float().mean().item()
     assert accuracy >= 0.9
