@@ -138,8 +138,9 @@ def create_rgb_clip(
         )
 
     if config.checkpoint:
+        load_into = _read_checkpoint(config.checkpoint, name)
         model = _random_model(name)
-        stored = load_checkpoint_into(model, config.checkpoint, name)
+        stored = load_into(model)
         mean, std = stored.get("image_mean", mean), stored.get("image_std", std)
     elif config.pretrained:
         weights = cached_pretrained_file(name, config.pretrained, cache_dir)
@@ -189,12 +190,17 @@ def save_rgb_clip(clip: RgbClip, path: str | Path) -> Path:
 def load_checkpoint_into(model: torch.nn.Module, path: str | Path, name: str) -> dict[str, Any]:
     """Load the weights of the checkpoint at ``path`` into ``model`` (strictly); return what the file
     says about preprocessing (``image_mean``, ``image_std``) when it says anything."""
+    return _read_checkpoint(path, name)(model)
+
+
+def _read_checkpoint(path: str | Path, name: str) -> Callable[[torch.nn.Module], dict[str, Any]]:
+    """Read and check the checkpoint at ``path`` before any model is built (a wrong file fails fast);
+    return the function that loads it into a model of ``name``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model checkpoint not found: {path}")
     if path.suffix in (".safetensors", ".npz", ".npy"):
-        _load_open_clip_checkpoint(model, path, name)
-        return {}
+        return lambda model: _load_open_clip_checkpoint(model, path, name) or {}
     try:
         contents = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - pickle, zip and weights_only errors alike
@@ -205,13 +211,12 @@ def load_checkpoint_into(model: torch.nn.Module, path: str | Path, name: str) ->
                 f"the model checkpoint {path} holds a {contents.get('name')!r} model, not {name!r}; "
                 f"set the model name to {contents.get('name')!r}"
             )
-        _load_strict(model, contents["state_dict"], path, name)
-        return {"image_mean": contents["image_mean"], "image_std": contents["image_std"]}
+        preprocessing = {"image_mean": contents["image_mean"], "image_std": contents["image_std"]}
+        return lambda model: _load_strict(model, contents["state_dict"], path, name) or preprocessing
     if isinstance(contents, dict) and contents.get("format") == "gsclip-train-checkpoint":
-        _load_strict(model, contents["model"], path, name)
-        return {}
-    _load_open_clip_checkpoint(model, path, name)
-    return {}
+        return lambda model: _load_strict(model, contents["model"], path, name) or {}
+    # open_clip's own formats (and plain state dicts), through its loader and its conversions.
+    return lambda model: _load_open_clip_checkpoint(model, path, name) or {}
 
 
 def cached_pretrained_file(name: str, tag: str, cache_dir: str | None = None) -> str:
@@ -268,7 +273,8 @@ def _random_model(name: str) -> open_clip.CLIP:
     root = logging.getLogger()
     root.addFilter(notice)
     try:
-        return open_clip.create_model(name, pretrained=None, device="cpu")
+        # pretrained_text=False: models with a Hugging Face text tower would otherwise fetch its weights.
+        return open_clip.create_model(name, pretrained=None, pretrained_text=False, device="cpu")
     finally:
         root.removeFilter(notice)
 

@@ -79,6 +79,8 @@ class OptimConfig:
 @dataclass
 class TrainResult:
     history: list[dict]  # one row per logged step: {"step", "epoch", "loss", "lr", ...extra metrics}
+    # (rows every log_every steps and at each epoch's end; loss and metrics are means over the
+    # row's steps and over ranks, "epoch" counts epochs done, "seconds" the training time so far)
     steps: int  # optimizer steps done in total (including those before a resume)
     seconds: float  # wall time of this call
     resumed_from_step: int  # 0 for a fresh start
@@ -195,7 +197,7 @@ def train(
                 loss, metrics = loss_fn(wrapped, batch)
                 loss_value = distributed.all_reduce_mean(loss.detach().float()).item()
                 if not math.isfinite(loss_value):
-                    kept = f"{path} holds the state after epoch {run.epoch}" if path.is_file() else "no checkpoint was written"
+                    kept = f"{path} holds the state after epoch {run.epoch}" if run.epoch else "no checkpoint written"
                     raise NonFiniteLossError(
                         f"{description}: the loss is {loss_value} at step {run.step + 1} of {total_steps} "
                         f"(epoch {epoch + 1}, batch {index + 1}); stopped, {kept}"
@@ -214,7 +216,9 @@ def train(
                 if after_step is not None:
                     after_step(model)
                 window.add(loss_value, metrics, grad_norm)
-                if run.step % config.log_every == 0 or run.step == total_steps:
+                # A row every log_every steps and at every epoch's end, so no row straddles a
+                # checkpoint and a resumed run logs exactly what an uninterrupted one does.
+                if run.step % config.log_every == 0 or index == steps_per_epoch - 1:
                     row = window.row(run.step, run.step / steps_per_epoch, lr)
                     row["seconds"] = round(run.seconds + time.perf_counter() - epoch_started, 3)
                     run.history.append(row)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -110,42 +111,54 @@ def fresh_model(head_seed: int) -> TinyNet:
     return model
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from threads, and on a busy machine OpenMP threads that wait for each
+    # other slow a step down tenfold.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 CONFIG = OptimConfig(epochs=2, batch_size=16, lr=1e-2, weight_decay=0.1, warmup_steps=3, grad_clip=1.0, seed=0,
                      log_every=2)
 
 
 def test_resumed_run_equals_uninterrupted(tmp_path):
     data = regression_data()
+    config = dataclasses.replace(CONFIG, log_every=4)  # rows at steps 4, 6, 8, 12: one at each epoch's end
     straight = fresh_model(head_seed=1)
-    result = train(straight, mse_loss, make_batches(data), 6, CONFIG, tmp_path / "straight", progress=False)
+    result = train(straight, mse_loss, make_batches(data), 6, config, tmp_path / "straight", progress=False)
     assert result.steps == 12 and result.resumed_from_step == 0
 
     interrupted = fresh_model(head_seed=1)
     with pytest.raises(KeyboardInterrupt):
-        train(interrupted, mse_loss, make_batches(data, stop_at_epoch=1), 6, CONFIG, tmp_path / "resumed",
+        train(interrupted, mse_loss, make_batches(data, stop_at_epoch=1), 6, config, tmp_path / "resumed",
               progress=False)
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
     torch.manual_seed(12345)  # a new process: other global RNG state, other initial weights
     restarted = fresh_model(head_seed=2)
-    resumed = train(restarted, mse_loss, make_batches(data), 6, CONFIG, tmp_path / "resumed", progress=False)
+    resumed = train(restarted, mse_loss, make_batches(data), 6, config, tmp_path / "resumed", progress=False)
     assert resumed.resumed_from_step == 6 and resumed.steps == 12
 
     # Exactly equal: the same operations on the same numbers, dropout masks included.
     for (name, a), (_, b) in zip(straight.state_dict().items(), restarted.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs after resuming")
+    assert [row["step"] for row in result.history] == [4, 6, 8, 12]
     assert [row["loss"] for row in resumed.history] == [row["loss"] for row in result.history]
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     data = regression_data()
     train(fresh_model(1), mse_loss, make_batches(data), 6, CONFIG, tmp_path, progress=False)
-    other = OptimConfig(**{**CONFIG.__dict__, "lr": 5e-3, "epochs": 3})
+    other = dataclasses.replace(CONFIG, lr=5e-3, epochs=3)
     with pytest.raises(ValueError, match=r"cannot resume from .*last\.pt.*epochs: 2 in the checkpoint, 3 now.*lr"):
         train(fresh_model(1), mse_loss, make_batches(data), 6, other, tmp_path, progress=False)
     with pytest.raises(ValueError, match="steps_per_epoch: 6 in the checkpoint, 5 now"):
         train(fresh_model(1), mse_loss, make_batches(data), 5, CONFIG, tmp_path, progress=False)
     # log_every only changes what is recorded: resuming with another one is allowed (here: nothing left to do).
-    done = train(fresh_model(1), mse_loss, make_batches(data), 6, OptimConfig(**{**CONFIG.__dict__, "log_every": 5}),
+    done = train(fresh_model(1), mse_loss, make_batches(data), 6, dataclasses.replace(CONFIG, log_every=5),
                  tmp_path, progress=False)
     assert done.resumed_from_step == done.steps == 12
 
@@ -177,11 +190,11 @@ def test_frozen_parameters_stay_bit_identical(tmp_path):
 
 def test_short_run_lowers_the_loss_and_logs(tmp_path):
     model = fresh_model(1)
-    config = OptimConfig(**{**CONFIG.__dict__, "epochs": 4})
+    config = dataclasses.replace(CONFIG, epochs=4)
     result = train(model, mse_loss, make_batches(regression_data()), 6, config, tmp_path, progress=False)
     losses = [row["loss"] for row in result.history]
     assert len(result.history) == 12  # every 2nd of 24 steps
-    assert losses[-1] < 0.5 * losses[0]
+    assert losses[-1] < 0.75 * losses[0]
     assert [row["step"] for row in result.history] == list(range(2, 25, 2))
     assert set(result.history[0]) >= {"step", "epoch", "loss", "lr", "scale", "grad_norm"}
     assert result.history[-1]["epoch"] == 4.0
@@ -195,7 +208,8 @@ def test_non_finite_loss_names_the_step(tmp_path):
         loss, metrics = mse_loss(model, batch)
         return (loss * math.inf if calls["n"] == 9 else loss), metrics
 
-    with pytest.raises(NonFiniteLossError, match=r"loss is (inf|nan) at step 9 of 12 \(epoch 2, batch 3\).*holds the state after epoch 1"):
+    expected = r"loss is (inf|nan) at step 9 of 12 \(epoch 2, batch 3\).*last\.pt holds the state after epoch 1"
+    with pytest.raises(NonFiniteLossError, match=expected):
         train(fresh_model(1), exploding, make_batches(regression_data()), 6, CONFIG, tmp_path, progress=False)
 
 
@@ -219,20 +233,22 @@ def test_schedule_and_weight_decay_groups():
 def test_pretrain_rgb_learns_synthetic_pairs(tmp_path):
     name = register_tiny_clip(tmp_path)
     spec = write_synthetic_shards(tmp_path)
-    optim = OptimConfig(epochs=6, batch_size=16, lr=3e-3, weight_decay=0.0, warmup_steps=4, seed=0, log_every=4)
+    optim = OptimConfig(epochs=4, batch_size=16, lr=2e-3, weight_decay=0.0, warmup_steps=4, seed=0, log_every=4)
     config = PretrainConfig(train_shards=spec, image_size=8, channels=1, optim=optim,
                             checkpoint_dir=str(tmp_path / "rgb"))
     metrics = pretrain_rgb(RgbModelConfig(name=name), config, progress=False)
-    assert metrics["train_images"] == 64 and metrics["steps"] == 24
+    assert metrics["train_images"] == 64 and metrics["steps"] == 16
     losses = [row["loss"] for row in metrics["history"]]
-    assert losses[-1] < 0.6 * losses[0], losses
+    # ln(16) at chance; ln(4) is the floor, as each batch holds about 4 images per caption
+    assert losses[-1] < 0.7 * losses[0], losses
 
     # The saved model classifies its training images zero-shot from the captions.
     clip = create_rgb_clip(RgbModelConfig(name=name, checkpoint=metrics["model_path"]))
     images = torch.stack([torch.from_numpy(im).float()[None] / 255 for _, im, _, _ in synthetic_samples(64)])
     labels = torch.arange(64) % len(SHAPES)
     with torch.no_grad():
-        text = nn.functional.normalize(clip.model.encode_text(clip.tokenize([f"a photo of {s}." for s in SHAPES])), dim=-1)
+        captions = clip.tokenize([f"a photo of {shape}." for shape in SHAPES])
+        text = nn.functional.normalize(clip.model.encode_text(captions), dim=-1)
         image = nn.functional.normalize(clip.model.encode_image(clip.prepare_images(images)), dim=-1)
     accuracy = ((image @ text.T).argmax(-1) == labels).float().mean().item()
-    assert accuracy >= 0.9
+    assert accuracy >= 0.95
