@@ -11,8 +11,8 @@ The shard reader (:class:`gsclip_lib.shards.ImageTextShards`) is the source of t
 default set (6,000 images of 28x28) is read once into memory and reshuffled every epoch from the
 seed and the epoch, which is what makes a resumed run equal an uninterrupted one. Captions are
 tokenized once; a batch encodes each distinct caption once and indexes the features (exactly the
-same loss and gradient as encoding every row; Fashion-MNIST's captions come from 80 sentences, so
-this cuts the text tower's work about threefold, and web captions lose nothing).
+same loss and gradient as encoding every row; Fashion-MNIST's captions come from 80 sentences, so a
+batch of 64 holds about 44 distinct ones and a batch of 128 about 64; web captions lose nothing).
 """
 
 from __future__ import annotations
@@ -37,9 +37,11 @@ MODEL_FILE = "model.pt"
 
 
 def _default_optim() -> OptimConfig:
-    # Tuned on the default shards (6,000 Fashion-MNIST images) and gsclip-vit-tiny-28; see README.
+    # Tuned on the default shards (6,000 Fashion-MNIST images) with gsclip-vit-tiny-28: 5 epochs of
+    # batch 64 reach 83 % zero-shot top-1 on the eval split (3 epochs: 77 %). Batch 128 at lr 2e-3
+    # needs more epochs (79 % after 5); lr 5e-3 is worse (70 % after 3).
     return OptimConfig(
-        epochs=15, batch_size=128, lr=2e-3, weight_decay=0.1, warmup_steps=50, grad_clip=1.0, seed=0, log_every=10
+        epochs=5, batch_size=64, lr=1e-3, weight_decay=0.1, warmup_steps=50, grad_clip=1.0, seed=0, log_every=10
     )
 
 
