@@ -26,7 +26,7 @@ from gsclip_lib.data_stages import (
     FitStageConfig,
     PruneStageConfig,
     fit_splat_level,
-    prepare_fashion_mnist,
+    prepare_data,
     prune_splat_level,
 )
 from gsclip_lib.paths import PathsConfig
@@ -42,19 +42,20 @@ def run_stage(stage: str, params: str, level: int | None) -> dict:
 
     if stage in ("prune", "align") and level is None:
         raise SystemExit(f"the {stage} stage needs --level")
+    data = group("data", DataConfig)
     if stage == "prepare":
-        return prepare_fashion_mnist(group("data", DataConfig))
+        return prepare_data(data)
     if stage == "fit":
-        return fit_splat_level(group("fit", FitStageConfig))
+        return fit_splat_level(group("fit", FitStageConfig), data)
     if stage == "prune":
-        return prune_splat_level(group("fit", FitStageConfig), group("prune", PruneStageConfig), level)
+        return prune_splat_level(group("fit", FitStageConfig), group("prune", PruneStageConfig), data, level)
     models = (group("model", RgbModelConfig), group("pretrain", PretrainConfig))
     if stage == "pretrain":
         return run_pretrain(*models)
     if stage == "align":
         return run_align_level(*models, group("fit", FitStageConfig), group("align", AlignStageConfig), level)
     return run_evaluation(
-        *models, group("fit", FitStageConfig), group("prune", PruneStageConfig),
+        *models, data, group("fit", FitStageConfig), group("prune", PruneStageConfig),
         group("align", AlignStageConfig), group("evaluate", EvaluateConfig),
     )
 

@@ -154,9 +154,14 @@ def plot_captioned_samples(samples: list, columns: int = 8) -> plt.Figure:
     return figure
 
 
-def plot_level_examples(config, counts: list[int], split: str = "eval", count: int = 6) -> plt.Figure:
-    """Originals of a split beside their renders and ellipses at each level in ``counts``."""
-    examples = load_level_examples(config, counts, split, count)
+def plot_level_examples(
+    config, counts: list[int], split: str = "eval", count: int = 6, image_shards: str | None = None
+) -> plt.Figure:
+    """Originals of a split beside their renders and ellipses at each level in ``counts``.
+
+    ``image_shards``: the split's image shards (see :func:`gsclip_lib.data_stages.load_level_examples`).
+    """
+    examples = load_level_examples(config, counts, split, count, image_shards)
     size, settings = config.image_size, config.optimizer
     renders = {
         level: render_splats(splats, size, size, backend=settings.backend, cutoff=settings.cutoff)
@@ -172,9 +177,10 @@ def plot_level_examples(config, counts: list[int], split: str = "eval", count: i
     )
 
 
-def plot_zero_shot_against_ratio(evaluation: dict) -> plt.Figure:
+def plot_zero_shot_against_ratio(evaluation: dict, title: str = "Zero-shot accuracy against compression") -> plt.Figure:
     """The paper's main result, redrawn: zero-shot top-1 against compression ratio.
 
+    ``evaluation`` is one evaluation set's scores (``metrics["sets"][split]`` of the evaluate stage).
     RGB pixels are a horizontal line (ratio 1); each splat level is a point at its real ratio; the
     JPEG and thumbnail baselines sit at the ratio of the bytes they actually used.
     """
@@ -201,12 +207,12 @@ def plot_zero_shot_against_ratio(evaluation: dict) -> plt.Figure:
                 if is_over:
                     axis.annotate("over budget", (ratio, 100 * row["top1"]), fontsize=7, color="grey",
                                   textcoords="offset points", xytext=(4, -10))
-    chance = 100 / len(evaluation["rgb"].get("per_class_top1", [None] * 10))
+    chance = 100 / evaluation.get("classes", len(evaluation["rgb"]["per_class_top1"]))
     axis.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.0f} %)")
     axis.set_xscale("log")
     axis.set_xlabel("compression ratio (source bytes / stored bytes)")
     axis.set_ylabel("zero-shot top-1 (%)")
-    axis.set_title("Zero-shot accuracy against compression")
+    axis.set_title(title)
     axis.legend(fontsize=8)
     figure.tight_layout()
     return figure

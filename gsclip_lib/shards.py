@@ -571,8 +571,22 @@ def encode_image(image: np.ndarray, image_format: str, jpeg_quality: int = 95) -
     return buffer.getvalue()
 
 
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image file's bytes, written to a shard as they are (``key.<extension>``), not re-encoded."""
+
+    data: bytes
+    extension: str  # one of IMAGE_EXTENSIONS, lower case: the member name the reader looks for
+
+    def __post_init__(self) -> None:
+        if self.extension not in IMAGE_EXTENSIONS:
+            raise ValueError(f"image extension must be one of {IMAGE_EXTENSIONS}, got {self.extension!r}")
+        if not self.data:
+            raise ValueError("an encoded image needs bytes, got none")
+
+
 def write_image_text_shards(
-    samples: Iterable[tuple[str, np.ndarray, str, dict[str, Any]]],
+    samples: Iterable[tuple[str, np.ndarray | EncodedImage, str, dict[str, Any]]],
     pattern: str | os.PathLike,
     max_count_per_shard: int,
     *,
@@ -584,7 +598,8 @@ def write_image_text_shards(
 
     ``pattern`` is a printf pattern (``data/train-%06d.tar``) numbered from 0. Per sample the shard
     holds ``key.png`` (or ``key.jpg`` with ``image_format="jpg"``), ``key.txt`` (the caption, UTF-8)
-    and ``key.json`` (``metadata``, e.g. ``{"label": 3}``). Each shard is written under a temporary
+    and ``key.json`` (``metadata``, e.g. ``{"label": 3}``); an :class:`EncodedImage` is stored as
+    it is, under its own extension (an ImageNet JPEG keeps its bytes). Each shard is written under a temporary
     name in a hidden folder beside its destination and renamed into place when complete, so an
     interrupted run leaves no partial shard under a final name. No empty shard is written.
     """
@@ -624,10 +639,14 @@ def write_image_text_shards(
             seen.add(key)
             if not isinstance(caption, str):
                 raise ValueError(f"caption of {key!r} must be a str, got {type(caption).__name__}")
+            if isinstance(image, EncodedImage):
+                extension, payload = image.extension, image.data
+            else:
+                extension, payload = image_format, encode_image(image, image_format, jpeg_quality)
             writer.write(
                 {
                     "__key__": key,
-                    image_format: encode_image(image, image_format, jpeg_quality),
+                    extension: payload,
                     CAPTION_EXTENSION: caption.encode("utf-8"),
                     METADATA_EXTENSION: json.dumps(dict(metadata), default=_json_default).encode("utf-8"),
                 }

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from gsclip_lib.image_decoding import resize_and_center_crop
 from gsclip_lib.shards import (
+    EncodedImage,
     ImageTextShards,
     SkipCounts,
     collate_image_text,
@@ -103,6 +104,21 @@ def test_grayscale_round_trip_and_jpeg_option(tmp_path):
     (sample,) = list(ImageTextShards(paths))
     error = (sample.image.permute(1, 2, 0) * 255 - torch.from_numpy(smooth).float()).abs().mean()
     assert error < 3.0, f"JPEG at quality 95 should be close to the source, mean error {error:.2f}"
+
+
+def test_encoded_images_are_stored_byte_for_byte(tmp_path):
+    jpeg = encoded(random_image(3, (12, 10, 3)), "JPEG", quality=80)
+    paths = write_image_text_shards(
+        [("file", EncodedImage(jpeg, "jpeg"), "a photo of a cat.", {"label": 2})], str(tmp_path / "f-%02d.tar"), 10
+    )
+    with tarfile.open(paths[0]) as archive:
+        assert archive.extractfile("file.jpeg").read() == jpeg
+    (sample,) = list(ImageTextShards(paths))
+    assert sample.image.shape == (3, 12, 10) and sample.label == 2
+    with pytest.raises(ValueError, match="extension"):
+        EncodedImage(jpeg, "JPEG")
+    with pytest.raises(ValueError, match="needs bytes"):
+        EncodedImage(b"", "png")
 
 
 def test_interrupted_write_publishes_only_complete_shards(tmp_path):
