@@ -16,12 +16,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-import open_clip
+from typing import Any
 
-# ImageNet-1K in the standard (sorted WordNet id) label order, and OpenAI's 80 prompt callables.
-IMAGENET_CLASSNAMES: tuple[str, ...] = tuple(open_clip.IMAGENET_CLASSNAMES)
-OPENAI_IMAGENET_TEMPLATES = open_clip.OPENAI_IMAGENET_TEMPLATES
+import numpy as np
+
+
+def __getattr__(name: str) -> Any:
+    """open_clip's ImageNet lists, imported on first use: importing open_clip costs seconds, which
+    every data stage would otherwise pay at start-up for lists only the ImageNet paths read.
+
+    ``IMAGENET_CLASSNAMES``: ImageNet-1K in the standard (sorted WordNet id) label order, a tuple.
+    ``OPENAI_IMAGENET_TEMPLATES``: OpenAI's 80 prompt callables.
+    """
+    if name == "IMAGENET_CLASSNAMES":
+        import open_clip
+
+        return tuple(open_clip.IMAGENET_CLASSNAMES)
+    if name == "OPENAI_IMAGENET_TEMPLATES":
+        import open_clip
+
+        return open_clip.OPENAI_IMAGENET_TEMPLATES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # Training captions. "{}" stands for the class name with its indefinite article ("a t-shirt",
 # "an ankle boot"), so every caption is grammatical; fill them through caption_for.

@@ -13,7 +13,6 @@ matplotlib.use("Agg")  # headless: papermill and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
 from matplotlib.patches import Ellipse  # noqa: E402
 from torch import Tensor  # noqa: E402
 
@@ -95,6 +94,7 @@ def plot_fit_gallery(
 
 def plot_psnr_against_size(table: pd.DataFrame) -> plt.Figure:
     """PSNR against splat count and against payload bytes, splats beside JPEG at the same bytes."""
+    import seaborn as sns  # imported here: it adds a second to every stage's start-up
     figure, (by_count, by_bytes) = plt.subplots(1, 2, figsize=(11, 4))
     sns.lineplot(data=table, x="splats", y="psnr", marker="o", ax=by_count, label="splats", errorbar="sd")
     if "psnr_pruned_from_largest" in table and table["psnr_pruned_from_largest"].notna().any():
@@ -123,6 +123,7 @@ def plot_psnr_against_size(table: pd.DataFrame) -> plt.Figure:
 
 def plot_psnr_history(history: pd.DataFrame, hue: str = "splats") -> plt.Figure:
     """Mean PSNR during fitting, one line per ``hue`` value."""
+    import seaborn as sns  # imported here: it adds a second to every stage's start-up
     figure, axis = plt.subplots(figsize=(6, 4))
     sns.lineplot(data=history, x="iteration", y="psnr", hue=hue, palette="viridis", ax=axis)
     axis.set_ylabel("mean PSNR (dB)")
@@ -154,6 +155,9 @@ def plot_captioned_samples(samples: list, columns: int = 8) -> plt.Figure:
     return figure
 
 
+SMALL_RENDER = 4_000_000  # splat-pixel pairs up to which example figures render with the dense twin
+
+
 def plot_level_examples(
     config, counts: list[int], split: str = "eval", count: int = 6, image_shards: str | None = None
 ) -> plt.Figure:
@@ -163,8 +167,13 @@ def plot_level_examples(
     """
     examples = load_level_examples(config, counts, split, count, image_shards)
     size, settings = config.image_size, config.optimizer
+
+    def backend(splats: Splats) -> str:
+        # A few small images render faster densely than through the compiled path's first call.
+        return "dense" if splats.batch_size * splats.num_slots * size * size <= SMALL_RENDER else settings.backend
+
     renders = {
-        level: render_splats(splats, size, size, backend=settings.backend, cutoff=settings.cutoff)
+        level: render_splats(splats, size, size, backend=backend(splats), cutoff=settings.cutoff)
         for level, splats in examples.splats.items()
     }
     quality = {level: psnr(examples.images, render) for level, render in renders.items()}
@@ -239,6 +248,7 @@ def plot_training_curves(histories: dict[str, list[dict]]) -> plt.Figure:
 
 def plot_stage_times(stage_seconds: dict[str, float], throughput: dict[str, float] | None = None) -> plt.Figure:
     """Wall time of every stage, and fitting throughput (images/s) where known."""
+    import seaborn as sns  # imported here: it adds a second to every stage's start-up
     panels = 2 if throughput else 1
     figure, axes = plt.subplots(1, panels, figsize=(6 * panels, 3.8), squeeze=False)
     names = list(stage_seconds)

@@ -33,7 +33,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from gsclip_lib.captions import IMAGENET_CLASSNAMES
+from gsclip_lib import captions
 from gsclip_lib.image_decoding import image_to_tensor, resize_and_center_crop, to_rgb_or_gray
 
 IMAGE_EXTENSIONS = frozenset(
@@ -88,12 +88,13 @@ def read_class_names(class_dirs: list[str], class_names_file: str | Path | None)
             raise ValueError(f"{path} has a blank line at line {names.index('') + 1}; every class needs a name")
         return tuple(names)
     wnids = [name for name in class_dirs if _WNID.match(name)]
-    if wnids and len(class_dirs) == len(IMAGENET_CLASSNAMES) and len(wnids) == len(class_dirs):
-        return IMAGENET_CLASSNAMES
+    imagenet_size = 1000  # ImageNet-1K
+    if wnids and len(class_dirs) == imagenet_size and len(wnids) == len(class_dirs):
+        return captions.IMAGENET_CLASSNAMES
     if wnids:
         raise ValueError(
             f"{len(wnids)} of the {len(class_dirs)} class folders are named like WordNet ids ({wnids[0]}, ...) "
-            f"but ImageNet-1K has {len(IMAGENET_CLASSNAMES)}; pass a class names file with one name per folder"
+            f"but ImageNet-1K has {imagenet_size}; pass a class names file with one name per folder"
         )
     return tuple(name.replace("_", " ") for name in class_dirs)
 

@@ -103,3 +103,13 @@ def results_table(collected: dict[str, Any]) -> pd.DataFrame:
     table["ratio"] = table["ratio"].round(2)
     table["bytes"] = table["bytes"].round(1)
     return table
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """``table`` as a GitHub Markdown table (numbers as pandas prints them), for the README."""
+    header = [str(column) for column in table.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    for row in table.itertuples(index=False):
+        cells = [str(value).replace("|", "\\|") for value in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
