@@ -90,9 +90,11 @@ def results_table(collected: dict[str, Any]) -> pd.DataFrame:
                 "top5": level["top5"],
             })
         for row in scores.get("baselines", []):
+            over = row.get("over_budget_images", 0)
+            note = f" (over budget: {over} of {row['images']} images)" if over else ""
             rows.append({
                 "set": split,
-                "representation": f"{row['method']} at {row['level']} budget",
+                "representation": f"{row['method']} at {row['level']} budget{note}",
                 "bytes": row["mean_bytes"],
                 "ratio": source / row["mean_bytes"],
                 "top1": row["top1"],
