@@ -1,17 +1,21 @@
 # The two commands a newcomer needs on a fresh machine (Debian, Python 3.11):
 #   make repro   create .venv, install gsclip, run the whole DVC pipeline
 #   make test    create .venv if missing, install, run the test suite
+# Then:
+#   make report  the executed notebooks as HTML pages with their figures (reports/html/index.html)
+#   make repro PROFILE=tiny   the pipeline on a profile of profiles/ (a DVC experiment)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+PROFILE ?=
 
-.PHONY: repro test venv data bench clean-venv
+.PHONY: repro test venv data report bench lint clean-venv
 
 # The embedded default's data: Debian's dataset-fashion-mnist (MIT). Its folder is a parameter
 # (data.fashion_mnist_dir in params.yaml); the package is installed only into its default folder.
 FASHION_MNIST_DEFAULT := /usr/share/datasets/fashion-mnist
-FASHION_MNIST_DIR = $(shell $(BIN)/python -c "from gsclip_lib.config import read_params; print(read_params('params.yaml')['data']['fashion_mnist_dir'])")
+FASHION_MNIST_DIR = $(shell $(BIN)/python -c "from gsclip_lib.params import load_params; print(load_params('params.yaml').data.fashion_mnist_dir)")
 
 venv: $(STAMP)
 
@@ -38,13 +42,24 @@ data: $(STAMP)
 	fi
 
 repro: $(STAMP) data
+ifeq ($(PROFILE),)
 	. $(BIN)/activate && dvc repro
+else
+	. $(BIN)/activate && python -m gsclip_lib.stages.profiles $(PROFILE)
+endif
 
 test: $(STAMP) data
 	. $(BIN)/activate && python -m pytest -q
 
+# One page per executed notebook, figures embedded, and an index linking them.
+report: $(STAMP)
+	. $(BIN)/activate && python -m gsclip_lib.reporting.html
+
+lint: $(STAMP)
+	$(BIN)/ruff check --select F,E9 gsclip_lib kernels benchmarks tests
+
 bench: $(STAMP)
-	. $(BIN)/activate && python -m gsclip_lib.benchmark --out benchmarks/results.json
+	. $(BIN)/activate && python -m benchmarks.fitting --out benchmarks/results.json
 
 clean-venv:
 	rm -rf $(VENV)

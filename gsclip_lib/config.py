@@ -1,115 +1,162 @@
-"""Typed stage configs loaded from params.yaml.
+"""Typed configuration read from YAML: the machinery behind :mod:`gsclip_lib.params`.
 
-Each pipeline stage reads one group of ``params.yaml`` into one frozen dataclass whose fields mirror
-the group's keys (nested groups become nested dataclasses). Unknown keys, missing keys and values of
-the wrong type are errors that name the key, so a typo in ``params.yaml`` or in
-``dvc exp run -S ...`` fails at once instead of being ignored.
+``params.yaml`` is the one source of values. A *profile* (``profiles/tiny.yaml``,
+``profiles/paper.yaml``) holds only the keys it changes and is laid over it; ``--set key=value``
+overrides are laid over both. The result is validated by pydantic v2 models derived from
+:class:`ConfigModel`: every key is required (a missing key is an error naming it, never a silent
+default), unknown keys are errors, types are strict (``"224"`` is not an int, ``1`` is not a
+boolean), numbers must be finite, and ranges and choices are declared on the fields. pydantic's
+errors carry the key path; :func:`validate_config` turns them into one line such as
+``params.yaml: fit.optimizer.lr_positions: Input should be a finite number (got inf)``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
+import copy
+import re
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Iterable, TypeVar
 
 import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-T = TypeVar("T")
+from gsclip_lib.errors import ConfigError
+
+ModelT = TypeVar("ModelT", bound="ConfigModel")
 
 
-def read_params(path: str | Path) -> dict[str, Any]:
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader reading ``1e-06`` as a number, as YAML 1.2 (and every YAML writer) does:
+    YAML 1.1 wants a dot in the mantissa, so ``json.dumps`` or DVC's ``-S`` output would read as text."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml_text(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+class ConfigModel(BaseModel):
+    """Base of every config: frozen, no extra keys, strict types, finite numbers, no defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    def replace(self: ModelT, **changes: Any) -> ModelT:
+        """A validated copy with some fields changed (nested models as dicts or models)."""
+        values = self.model_dump()
+        values.update({k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in changes.items()})
+        return validate_config(type(self), values, f"{type(self).__name__}.replace")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file holding a mapping; a missing or malformed file is a :class:`ConfigError`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"parameter file not found: {path}")
-    with path.open() as handle:
-        params = yaml.safe_load(handle)
-    if not isinstance(params, dict):
-        raise ValueError(f"{path} must hold a mapping of parameter groups, got {type(params).__name__}")
-    return params
-
-
-def build_config(cls: type[T], values: Any, where: str) -> T:
-    """Instantiate dataclass ``cls`` from a mapping, recursively, checking keys and types."""
-    if not isinstance(values, dict):
-        raise ValueError(f"{where} must be a mapping of keys, got {values!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown key(s) in {where}: {unknown}; expected {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, field in fields.items():
-        key = f"{where}.{name}"
-        if name not in values:
-            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-                raise ValueError(f"missing key {key}")
-            continue
-        kwargs[name] = _convert(hints[name], values[name], key)
+        raise ConfigError(f"parameter file not found: {path}")
     try:
-        return cls(**kwargs)
-    except ValueError as error:
-        raise ValueError(f"invalid {where}: {error}") from error
+        values = load_yaml_text(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of parameter groups, got {type(values).__name__}")
+    return values
 
 
-def load_stage_config(path: str | Path, group: str, cls: type[T]) -> T:
-    """The ``group`` section of the parameter file at ``path`` as a ``cls``."""
-    params = read_params(path)
-    if group not in params:
-        raise ValueError(f"{path} has no group {group!r}; it has {sorted(params)}")
-    return build_config(cls, params[group], group)
+def lay_over(base: dict[str, Any], overlay: dict[str, Any], source: str, where: str = "") -> dict[str, Any]:
+    """``base`` with the keys of ``overlay`` replaced, recursively; a key ``base`` lacks is an error.
+
+    A profile or override may only change keys that ``params.yaml`` declares: a typo must fail, not
+    add a key nobody reads. A mapping replaces a mapping key by key; any other value replaces whole.
+    """
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in merged:
+            choices = ", ".join(sorted(map(str, merged))) or "none"
+            raise ConfigError(f"{source}: unknown key {path} (params.yaml has: {choices})")
+        if isinstance(value, dict) and isinstance(merged[key], dict):
+            merged[key] = lay_over(merged[key], value, source, path)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
 
 
-def _convert(hint: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return build_config(hint, value, key)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(option, value, key)
-            except ValueError as error:
-                errors.append(str(error))
-        raise ValueError(f"{key}: {value!r} fits none of {hint}")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key} must be a list, got {value!r}")
-        (item,) = typing.get_args(hint)[:1]
-        return tuple(_convert(item, entry, f"{key}[{i}]") for i, entry in enumerate(value))
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key} must be an integer, got {value!r}")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{key} must be true or false, got {value!r}")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{key} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"config field {key} has an unsupported type {hint}")
+def parse_override(text: str) -> dict[str, Any]:
+    """``"fit.optimizer.iterations=150"`` as the nested mapping ``{"fit": {"optimizer": {...}}}``.
+
+    The value is read as YAML, so ``[11, 6]``, ``true`` and ``1e-3`` mean what they do in the file.
+    """
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like group.key=value")
+    try:
+        value = load_yaml_text(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML") from None
+    nested: dict[str, Any] = {}
+    cursor = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return nested
 
 
-def config_to_dict(config: Any) -> dict[str, Any]:
-    """A config as plain data, the shape it has in params.yaml (tuples become lists)."""
+def flatten(values: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Nested mappings as ``{"group.key.sub": value}`` (lists are leaves)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else str(key)
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, path))
+        else:
+            flat[path] = value
+    return flat
 
-    def plain(value: Any) -> Any:
-        if isinstance(value, tuple):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
 
-    return plain(dataclasses.asdict(config))
+def compose(
+    params_path: str | Path, profile: str | Path | None = None, overrides: Iterable[str] = ()
+) -> dict[str, Any]:
+    """``params.yaml``, then the profile laid over it, then the overrides, as one plain mapping."""
+    values = read_yaml(params_path)
+    if profile:
+        values = lay_over(values, read_yaml(profile), str(profile))
+    for text in overrides:
+        values = lay_over(values, parse_override(text), f"--set {text}")
+    return values
+
+
+def validate_config(cls: type[ModelT], values: Any, source: str) -> ModelT:
+    """``cls`` built from ``values``; every problem found is named, by key path, in one line."""
+    try:
+        return cls.model_validate(values)
+    except ValidationError as error:
+        raise ConfigError(f"{source}: " + "; ".join(_describe(problem) for problem in error.errors())) from None
+
+
+def _describe(problem: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+    kind = problem["type"]
+    if kind == "missing":
+        return f"missing key {key}"
+    if kind == "extra_forbidden":
+        return f"unknown key {key}"
+    message = problem["msg"].removeprefix("Value error, ")
+    value = problem.get("input")
+    if isinstance(value, (dict, list)) or value is None:
+        return f"{key}: {message}"
+    return f"{key}: {message} (got {value!r})"

@@ -1,6 +1,6 @@
 """Data-parallel runs under ``torchrun``: process group set-up and the few collectives the stages need.
 
-The paper trains on DataComp's 12.8 M pairs (PAPER.md section 3), which takes many GPUs; this project's
+The paper trains on DataComp's 12.8 M pairs (METHOD.md section 3), which takes many GPUs; this project's
 stages run the same code on one CPU process or on ``torchrun --nproc_per_node=N`` processes.
 ``init_distributed`` reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and starts
 the process group: ``nccl`` when CUDA is available (one GPU per local rank), ``gloo`` on the CPU.
@@ -102,7 +102,7 @@ def all_reduce_min(value: int | float) -> int | float:
     """The smallest ``value`` over all ranks (e.g. the number of batches every rank can fill)."""
     if rank_and_world_size()[1] == 1:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    tensor = torch.tensor([value], dtype=torch.float64, device=collective_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     result = tensor.item()
     return int(result) if isinstance(value, int) else result
@@ -118,14 +118,32 @@ def all_gather_objects(obj: object) -> list[object]:
     return gathered
 
 
+def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """``(rank, world_size)``: as given, else torch.distributed's when initialized, else torchrun's
+    ``RANK``/``WORLD_SIZE`` environment, else ``(0, 1)``."""
+    if rank is None or world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            found = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            found = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        else:
+            found = 0, 1
+        rank = found[0] if rank is None else rank
+        world_size = found[1] if world_size is None else world_size
+    valid = isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size
+    if not valid:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
+    return rank, world_size
+
+
 def cleanup() -> None:
     """Leave the process group (if any); safe to call more than once."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
-def _collective_device() -> torch.device:
-    # nccl reduces CUDA tensors only; gloo reduces CPU tensors.
+def collective_device() -> torch.device:
+    """Where tensors of a collective must live: the current GPU under nccl, the CPU under gloo."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -1,4 +1,4 @@
-"""Pure-PyTorch twin of the accumulated-sum splat rasterizer (PAPER.md section 1).
+"""Pure-PyTorch twin of the accumulated-sum splat rasterizer (METHOD.md section 1).
 
 This is the readable definition of the render and the oracle every faster path is tested against:
 

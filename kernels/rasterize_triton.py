@@ -1,4 +1,4 @@
-"""Triton kernels of the accumulated-sum splat rasterizer (PAPER.md section 1).
+"""Triton kernels of the accumulated-sum splat rasterizer (METHOD.md section 1).
 
 Computes exactly what the PyTorch twin ``kernels.rasterize_torch.rasterize_dense_torch`` computes,
 

@@ -23,6 +23,7 @@ batched matrix products; the result is the same. Both paths have hand-written ba
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 
@@ -216,6 +217,9 @@ def compile_enabled() -> bool:
 
 @functools.cache
 def _compiled(function):
+    # Inductor's C++ build checks for CUDA on every new graph and logs "No CUDA runtime is found"
+    # on a CPU machine: expected here, so that one logger is kept to errors.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     return torch.compile(function, dynamic=True)
 
 

@@ -1,10 +1,12 @@
-"""The whole DVC pipeline, through papermill, on the tiny profile (params-tiny.yaml).
+"""The whole DVC pipeline, through papermill, on the tiny profile, as a user runs it.
 
-Runs in a copy of the project's tracked files, so the working tree is never touched. A small
-ImageNet-style folder (three Fashion-MNIST classes and one corrupt file) is the second evaluation
-set. Asserts that every metrics file exists with its keys and sane values, that every executed
-notebook ran without error, that a second `dvc repro` runs nothing, and that changing a fit
-parameter would rerun only the stages that depend on it.
+Runs in a copy of the project's files (git-tracked and not ignored), so the working tree is never
+touched. The profile is applied the documented way, ``python -m gsclip_lib.stages.profiles tiny``
+(``dvc exp run -S ...``), with a small ImageNet-style folder (three Fashion-MNIST classes and one
+corrupt file) as the second evaluation set. Asserts that every metrics file exists with sane values,
+that every executed notebook ran without error and shows its figures, that the tiny RGB model beats
+chance, that a second ``dvc repro`` runs nothing, and that a changed parameter or a changed library
+module reruns exactly the stages that depend on it.
 """
 
 import json
@@ -20,19 +22,16 @@ import pytest
 import yaml
 from PIL import Image
 
-from gsclip_lib.fashion_mnist import load_fashion_mnist
+from gsclip_lib.data.fashion_mnist import load_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-
-
 FOLDER_CLASSES = {1: "trouser", 8: "bag", 7: "sneaker"}  # Fashion-MNIST label -> folder name
 FOLDER_IMAGES_PER_CLASS = 4
 
 
-def _write_image_folder(root: Path) -> None:
+def _write_image_folder(root: Path, fashion_mnist: Path) -> None:
     """root/<class>/<n>.png from Fashion-MNIST's test split, and one file that is not an image."""
-    images, labels = load_fashion_mnist(str(FASHION_MNIST.parent), "test")
+    images, labels = load_fashion_mnist(fashion_mnist, "test")
     for label, name in FOLDER_CLASSES.items():
         (root / name).mkdir(parents=True)
         for number, index in enumerate(np.flatnonzero(labels == label)[-FOLDER_IMAGES_PER_CLASS:]):
@@ -43,37 +42,45 @@ def _write_image_folder(root: Path) -> None:
 def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # papermill from the venv
+    env.update(GIT_AUTHOR_NAME="gsclip", GIT_AUTHOR_EMAIL="gsclip@localhost", GIT_COMMITTER_NAME="gsclip",
+               GIT_COMMITTER_EMAIL="gsclip@localhost")
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
 
 
+def _would_run(project: Path) -> set[str]:
+    dry = _run([sys.executable, "-m", "dvc", "repro", "--dry"], project)
+    assert dry.returncode == 0, dry.stdout[-4000:] + dry.stderr[-4000:]
+    return set(re.findall(r"Running stage '([^']+)'", dry.stdout))
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not FASHION_MNIST.is_file(), reason="Fashion-MNIST not installed (make test installs it)")
-def test_tiny_pipeline_runs_end_to_end(tmp_path):
+def test_tiny_pipeline_runs_end_to_end(tmp_path, fashion_mnist):
     listing = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]  # tracked or not ignored
     files = subprocess.run(listing, cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    project = tmp_path / "project"
     for name in set(files):
         source = ROOT / name
         if source.is_file():
-            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, tmp_path / name)
-    params = yaml.safe_load((ROOT / "params-tiny.yaml").read_text())
-    _write_image_folder(tmp_path / "folder")
-    params["data"]["imagenet_dir"] = str(tmp_path / "folder")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (tmp_path / "dvc.lock").unlink(missing_ok=True)
-    shutil.rmtree(tmp_path / "reports", ignore_errors=True)
-    assert _run(["git", "init", "-q"], tmp_path).returncode == 0
-    if not (tmp_path / ".dvc" / "config").is_file():
-        assert _run([sys.executable, "-m", "dvc", "init", "-q"], tmp_path).returncode == 0
+            (project / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, project / name)
+    (project / "dvc.lock").unlink(missing_ok=True)
+    shutil.rmtree(project / "reports", ignore_errors=True)
+    _write_image_folder(tmp_path / "folder", fashion_mnist)
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+        assert _run(command, project).returncode == 0
 
-    first = _run([sys.executable, "-m", "dvc", "repro"], tmp_path)
+    first = _run([sys.executable, "-m", "gsclip_lib.stages.profiles", "tiny", "-S",
+                  f"data.imagenet_dir={tmp_path / 'folder'}"], project)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
 
-    reports = tmp_path / params["paths"]["reports"]
+    params = yaml.safe_load((project / "params.yaml").read_text())  # the experiment's values
+    tiny = yaml.safe_load((ROOT / "profiles" / "tiny.yaml").read_text())
+    assert params["data"]["train_size"] == tiny["data"]["train_size"] != 6000
+    reports = project / params["paths"]["reports"]
     levels = [params["fit"]["num_splats"], *params["prune"]["levels"]]
     metrics = {path.relative_to(reports).as_posix(): json.loads(path.read_text()) for path in reports.rglob("metrics.json")}
     expected = {"fit_photos/metrics.json", "prepare/metrics.json", "fit/metrics.json", "pretrain/metrics.json",
-                "evaluate/metrics.json"}
+                "evaluate/metrics.json", "report/metrics.json"}
     expected |= {f"prune/N{level}/metrics.json" for level in params["prune"]["levels"]}
     expected |= {f"align/N{level}/metrics.json" for level in levels}
     assert expected <= set(metrics)
@@ -86,7 +93,9 @@ def test_tiny_pipeline_runs_end_to_end(tmp_path):
     assert metrics["fit/metrics.json"]["train"]["mean_psnr"] > 10
     assert metrics["fit/metrics.json"]["imagenet"]["images"] == folder_images
     for level in params["prune"]["levels"]:
-        assert metrics[f"prune/N{level}/metrics.json"]["imagenet"]["images"] == folder_images
+        pruned = metrics[f"prune/N{level}/metrics.json"]
+        assert pruned["imagenet"]["images"] == folder_images
+        assert pruned["eval"]["mean_psnr_fitted"] > pruned["eval"]["mean_psnr"] > 5
     evaluation = metrics["evaluate/metrics.json"]
     assert set(evaluation["sets"]) == {"eval", "imagenet"}
     expected_images = {"eval": params["data"]["eval_size"], "imagenet": folder_images}
@@ -100,27 +109,43 @@ def test_tiny_pipeline_runs_end_to_end(tmp_path):
             assert level["images"] == expected_images[split]
             assert 0.0 <= level["top1"] <= level["top5"] <= 1.0
         assert {row["method"] for row in scores["baselines"]} == {"jpeg", "thumbnail"}
-    for stage, stage_metrics in metrics.items():
-        assert stage_metrics.get("stage_seconds", 1) > 0, stage
+    assert evaluation["sets"]["eval"]["rgb"]["top1"] > 0.2, "the tiny RGB model must beat chance (10 %) clearly"
 
-    for notebook in (reports / "notebooks").glob("*.ipynb"):
-        cells = json.loads(notebook.read_text())["cells"]
-        errors = [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
-        assert not errors, notebook.name
+    executed = sorted((reports / "notebooks").glob("*.ipynb"))
+    assert len(executed) == 3 + len(params["prune"]["levels"]) + 1 + len(levels) + 2  # 00-02, 03s, 04, 05s, 06-07
+    for notebook in executed:
+        outputs = [o for c in json.loads(notebook.read_text())["cells"] for o in c.get("outputs", [])]
+        assert not [o for o in outputs if o.get("output_type") == "error"], notebook.name
+        assert any("image/png" in o.get("data", {}) for o in outputs), f"{notebook.name} shows no figure"
+        stream = sum(len("".join(o.get("text", ""))) for o in outputs if o.get("output_type") == "stream")
+        assert stream < 5000, f"{notebook.name} holds {stream} characters of stream output (progress redraws?)"
     for split in ("eval", "imagenet"):
-        assert (reports / "figures" / f"zero_shot_vs_ratio_{split}.png").stat().st_size > 1000
+        assert (reports / "report" / "figures" / f"zero_shot_vs_ratio_{split}.png").stat().st_size > 1000
+    assert "| set | representation |" in (reports / "report" / "results.md").read_text()
 
-    second = _run([sys.executable, "-m", "dvc", "repro"], tmp_path)
-    assert second.returncode == 0
-    assert "Running stage" not in second.stdout, second.stdout
+    second = _run([sys.executable, "-m", "dvc", "repro"], project)
+    assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
 
-    # One fit parameter changed: exactly the stages downstream of the fit would run.
-    params["fit"]["optimizer"]["iterations"] += 1
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    dry = _run([sys.executable, "-m", "dvc", "repro", "--dry"], tmp_path)
-    assert dry.returncode == 0, dry.stdout[-4000:] + dry.stderr[-4000:]
-    would_run = set(re.findall(r"Running stage '([^']+)'", dry.stdout))
-    downstream = {"fit", "align_fitted", "evaluate", "figures"}
-    downstream |= {f"prune@{level}" for level in params["prune"]["levels"]}
-    downstream |= {f"align@{level}" for level in params["prune"]["levels"]}
-    assert would_run == downstream, dry.stdout
+    # A parameter changed: exactly the fit and the stages downstream of it would run.
+    original = (project / "params.yaml").read_text()
+    changed = yaml.safe_load(original)
+    changed["fit"]["optimizer"]["iterations"] += 1
+    (project / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+    after_fit = {"fit", "align_fitted", "evaluate", "report"}
+    after_fit |= {f"prune@{level}" for level in params["prune"]["levels"]}
+    after_fit |= {f"align@{level}" for level in params["prune"]["levels"]}
+    assert _would_run(project) == after_fit
+    (project / "params.yaml").write_text(original)
+
+    # A library module changed: the stages that import it, and what depends on them, no others.
+    for module, stages in (
+        ("gsclip_lib/evaluation/zero_shot.py", {"evaluate", "report"}),
+        ("gsclip_lib/splats/codec.py", after_fit | {"fit_photos"}),
+        ("gsclip_lib/models/splat_encoder.py", {"align_fitted", "evaluate", "report"}
+         | {f"align@{level}" for level in params["prune"]["levels"]}),
+    ):
+        source = (project / module).read_text()
+        (project / module).write_text(source + "\n# changed\n")
+        assert _would_run(project) == stages, module
+        (project / module).write_text(source)
+    assert _would_run(project) == set()

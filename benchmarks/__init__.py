@@ -1,0 +1,1 @@
+"""Benchmarks: speed and memory measurements that write JSON (not tests)."""

@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot scoring, pixel baselines at matched bytes, the token budget."""

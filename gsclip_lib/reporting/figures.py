@@ -1,0 +1,159 @@
+"""Figures of the pipeline (matplotlib, seaborn): the stages make them, the notebooks show them.
+
+Every function returns a matplotlib ``Figure`` made without pyplot (:func:`new_figure`), so no
+backend is involved and a notebook does not draw it by itself at the end of a cell:
+:class:`gsclip_lib.stages.runner.StageRun` saves it as a PNG and shows that, once, where the
+notebook asks for it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from torch import Tensor
+
+
+
+def new_figure(rows: int = 1, columns: int = 1, *, figsize: tuple[float, float], squeeze: bool = True):
+    """``(figure, axes)`` as ``plt.subplots`` gives them, on a Figure that pyplot does not track."""
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(rows, columns, squeeze=squeeze)
+
+
+def to_display(image: Tensor) -> np.ndarray:  # [C, H, W] -> [H, W, C] or [H, W]
+    array = image.detach().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
+    return array[..., 0] if array.shape[-1] == 1 else array
+
+
+def plot_psnr_against_size(table: pd.DataFrame) -> Figure:
+    """PSNR against splat count and against payload bytes, splats beside JPEG at the same bytes."""
+    import seaborn as sns  # imported here: it adds a second to every stage's start-up
+    figure, (by_count, by_bytes) = new_figure(1, 2, figsize=(11, 4))
+    sns.lineplot(data=table, x="splats", y="psnr", marker="o", ax=by_count, label="splats", errorbar="sd")
+    if "psnr_pruned_from_largest" in table and table["psnr_pruned_from_largest"].notna().any():
+        sns.lineplot(
+            data=table, x="splats", y="psnr_pruned_from_largest", marker="s", ax=by_count,
+            label="pruned from largest + fine-tune", errorbar="sd",
+        )
+    by_count.set_xscale("log")
+    by_count.set_xlabel("splats per image")
+    by_count.set_ylabel("PSNR (dB)")
+    by_count.set_title("Fit quality against splat count")
+    long = pd.concat(
+        [
+            table.assign(codec="splats (fp16)", bytes=table["payload_bytes"], quality=table["psnr_after_codec"]),
+            table.assign(codec="JPEG, same budget", bytes=table["jpeg_bytes"], quality=table["jpeg_psnr"]),
+        ]
+    )
+    sns.lineplot(data=long, x="bytes", y="quality", hue="codec", marker="o", ax=by_bytes, errorbar="sd")
+    by_bytes.set_xscale("log")
+    by_bytes.set_xlabel("bytes per image")
+    by_bytes.set_ylabel("PSNR (dB)")
+    by_bytes.set_title("Rate-distortion: splats against JPEG")
+    figure.tight_layout()
+    return figure
+
+
+def plot_psnr_history(history: pd.DataFrame, hue: str = "splats") -> Figure:
+    """Mean PSNR during fitting, one line per ``hue`` value."""
+    import seaborn as sns  # imported here: it adds a second to every stage's start-up
+    figure, axis = new_figure(figsize=(6, 4))
+    sns.lineplot(data=history, x="iteration", y="psnr", hue=hue, palette="viridis", ax=axis)
+    axis.set_ylabel("mean PSNR (dB)")
+    axis.set_title("Fitting progress")
+    figure.tight_layout()
+    return figure
+
+
+def plot_captioned_samples(samples: list, columns: int = 8) -> Figure:
+    """Image-text samples (anything with ``.image [C, H, W]`` and ``.caption``) with their captions."""
+    rows = math.ceil(len(samples) / columns)
+    figure, axes = new_figure(rows, columns, figsize=(2.0 * columns, 2.3 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, sample in zip(axes.flat, samples):
+        axis.imshow(to_display(sample.image), cmap="gray")
+        axis.set_title(sample.caption, fontsize=6, wrap=True)
+    figure.tight_layout()
+    return figure
+
+
+def plot_zero_shot_against_ratio(evaluation: dict, title: str = "Zero-shot accuracy against compression") -> Figure:
+    """The paper's main result, redrawn: zero-shot top-1 against compression ratio.
+
+    ``evaluation`` is one evaluation set's scores (``metrics["sets"][split]`` of the evaluate stage).
+    RGB pixels are a horizontal line (ratio 1); each splat level is a point at its real ratio; the
+    JPEG and thumbnail baselines sit at the ratio of the bytes they actually used.
+    """
+    figure, axis = new_figure(figsize=(7, 4.5))
+    rgb_top1 = 100 * evaluation["rgb"]["top1"]
+    source = evaluation["rgb"]["source_bytes"]
+    axis.axhline(rgb_top1, color="black", linestyle="--", label=f"RGB pixels ({rgb_top1:.1f} %)")
+    levels = sorted(evaluation["levels"].values(), key=lambda row: row["ratio_payload"])
+    axis.plot(
+        [row["ratio_payload"] for row in levels], [100 * row["top1"] for row in levels],
+        marker="o", label="splat encoder",
+    )
+    for row in levels:
+        axis.annotate(f"N={row['splats']}", (row["ratio_payload"], 100 * row["top1"]), fontsize=8,
+                      textcoords="offset points", xytext=(4, 4))
+    for method, marker in (("jpeg", "s"), ("thumbnail", "^")):
+        rows = [row for row in evaluation.get("baselines", []) if row["method"] == method]
+        if rows:
+            ratios = [source / row["mean_bytes"] for row in rows]
+            over = [row.get("over_budget_images", 0) > 0 for row in rows]
+            axis.scatter(ratios, [100 * row["top1"] for row in rows], marker=marker,
+                         label=f"RGB on {method}, same bytes", zorder=3)
+            for ratio, row, is_over in zip(ratios, rows, over):
+                if is_over:
+                    axis.annotate("over budget", (ratio, 100 * row["top1"]), fontsize=7, color="grey",
+                                  textcoords="offset points", xytext=(4, -10))
+    chance = 100 / evaluation.get("classes", len(evaluation["rgb"]["per_class_top1"]))
+    axis.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.0f} %)")
+    axis.set_xscale("log")
+    axis.set_xlabel("compression ratio (source bytes / stored bytes)")
+    axis.set_ylabel("zero-shot top-1 (%)")
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def plot_training_curves(histories: dict[str, list[dict]]) -> Figure:
+    """Loss against step for every training stage (one panel each)."""
+    names = [name for name, rows in histories.items() if rows]
+    columns = min(4, max(1, len(names)))
+    rows_count = math.ceil(len(names) / columns) if names else 1
+    figure, axes = new_figure(rows_count, columns, figsize=(3.6 * columns, 2.8 * rows_count), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, name in zip(axes.flat, names):
+        axis.axis("on")
+        table = pd.DataFrame(histories[name])
+        axis.plot(table["step"], table["loss"])
+        axis.set_title(name, fontsize=9)
+        axis.set_xlabel("step")
+        axis.set_ylabel("loss")
+    figure.tight_layout()
+    return figure
+
+
+def plot_stage_times(stage_seconds: dict[str, float], throughput: dict[str, float] | None = None) -> Figure:
+    """Wall time of every stage, and fitting throughput (images/s) where known."""
+    import seaborn as sns  # imported here: it adds a second to every stage's start-up
+    panels = 2 if throughput else 1
+    figure, axes = new_figure(1, panels, figsize=(6 * panels, 3.8), squeeze=False)
+    names = list(stage_seconds)
+    sns.barplot(x=[stage_seconds[name] / 60 for name in names], y=names, ax=axes[0, 0], color="steelblue")
+    axes[0, 0].set_xlabel("minutes")
+    axes[0, 0].set_title(f"Stage wall time (total {sum(stage_seconds.values()) / 60:.1f} min)")
+    if throughput:
+        labels = list(throughput)
+        sns.barplot(x=[throughput[name] for name in labels], y=labels, ax=axes[0, 1], color="seagreen")
+        axes[0, 1].set_xlabel("images per second")
+        axes[0, 1].set_title("Fitting throughput")
+    figure.tight_layout()
+    return figure

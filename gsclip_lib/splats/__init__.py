@@ -1,0 +1,1 @@
+"""The splat representation: container, render, initialization, fitting, pruning, codec, quality."""

@@ -1,0 +1,321 @@
+"""Stage ``fit``: every image of every split fitted once, at the largest level (METHOD.md section 1).
+
+For each split of :meth:`gsclip_lib.params.Params.splat_splits` (train, eval, and the ImageNet-style
+folder when set), every input image shard becomes one splat shard of the same name
+(:mod:`gsclip_lib.data.splat_shards`) in ``fit.out_dir/N<num_splats>/<split>/``. Images are read as
+``data`` says (size, channels, resize mode; bad samples skipped and counted) and fitted
+``fit.batch_size`` at a time with :func:`gsclip_lib.splats.fitting.fit_splats`.
+
+Resuming: a shard complete under its final name is skipped, so a killed fit continues where it
+stopped. Only shards made from the same inputs with the same settings may be kept: a split folder
+records what it was made from (``config.json``) and is emptied when that changed. Under ``torchrun``
+ranks take disjoint input shards (shard ``i`` goes to rank ``i % world_size``) and rank 0 decides
+about resetting a folder while the others wait.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+
+from gsclip_lib import distributed
+from gsclip_lib.atomic_files import write_text
+from gsclip_lib.data.image_text_shards import ImageTextSample, ImageTextShards, SkipCounts, expand_shard_spec
+from gsclip_lib.data.splat_shards import (
+    SplatShardWriter,
+    open_splat_shard,
+    read_level_examples,
+    shard_is_complete,
+    shards_of_this_rank,
+    splat_shard_name,
+)
+from gsclip_lib.params import DataConfig, FitSettings, Params, level_name
+from gsclip_lib.progress import progress_bar
+from gsclip_lib.reporting import splat_figures
+from gsclip_lib.splats.codec import CodecError, compression_ratio, encode_splats, payload_bytes, source_bytes
+from gsclip_lib.splats.fitting import fit_splats
+from gsclip_lib.stages.runner import StageResult
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SplatShardStats:
+    """What one rank did for one split of one level; :func:`level_metrics` reports it."""
+
+    shards_written: int = 0
+    shards_skipped: int = 0  # already complete under their final name
+    images: int = 0  # samples written
+    dropped_fits: int = 0  # fits dropped as non-finite (or that could not be stored)
+    no_source_image: int = 0  # pruning with a refit: no image with the sample's key
+    skip_counts: SkipCounts = field(default_factory=SkipCounts)  # samples skipped while reading
+    seconds: float = 0.0  # wall time of the whole split
+    fit_seconds: float = 0.0  # time spent in the optimizer
+    record_bytes: int = 0  # stored bytes of all records written
+    psnr_sum: float = 0.0
+    psnr_count: int = 0
+    psnr_before_sum: float = 0.0  # pruning: the same images' PSNR at the fitted level
+    psnr_before_count: int = 0
+
+    @property
+    def mean_psnr(self) -> float:
+        return self.psnr_sum / self.psnr_count if self.psnr_count else math.nan
+
+    def add_sample(self, writer: SplatShardWriter, key: str, record: bytes, caption: str,
+                   metadata: dict[str, Any], quality: float) -> None:
+        writer.write(key, record, caption, metadata)
+        self.images += 1
+        self.record_bytes += len(record)
+        if math.isfinite(quality):
+            self.psnr_sum += quality
+            self.psnr_count += 1
+
+
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """``items`` in lists of ``size`` (the last one shorter)."""
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def group_by_shape(shapes: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], list[int]]:
+    """Positions grouped by shape: a fit batches only same-sized images."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for position, shape in enumerate(shapes):
+        groups.setdefault(tuple(shape), []).append(position)
+    return groups
+
+
+def finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def level_metrics(stats: SplatShardStats, count: int, data: DataConfig) -> dict:
+    """One split's line of a fit or prune stage's metrics."""
+    payload = payload_bytes(count, data.channels)
+    source = source_bytes(data.image_size, data.image_size, data.channels)
+    return {
+        "splats": count,
+        "images": stats.images,
+        "mean_psnr": stats.mean_psnr,
+        "payload_bytes": payload,
+        "ratio_payload": round(compression_ratio(source, payload), 4),
+        "record_bytes_mean": stats.record_bytes / max(stats.images, 1),
+        "seconds": round(stats.seconds, 2),
+        "images_per_second": round(stats.images / stats.fit_seconds, 2) if stats.fit_seconds else None,
+        "shards_written": stats.shards_written,
+        "shards_skipped": stats.shards_skipped,
+        "dropped_fits": stats.dropped_fits,
+        "skipped": stats.skip_counts.as_dict(),
+    }
+
+
+def splits_summary(metrics: dict, splits: Iterable[str]):
+    """A fit or prune stage's metrics as one row per split, for the notebook."""
+    import pandas as pd
+
+    columns = ["splats", "images", "mean_psnr", "mean_psnr_fitted", "psnr_cost", "ratio_payload",
+               "images_per_second", "dropped_fits", "shards_written", "shards_skipped"]
+    return pd.DataFrame({split: {key: metrics[split].get(key) for key in columns if key in metrics[split]}
+                         for split in splits}).T
+
+
+def skipped_total(metrics: dict) -> int:
+    """All samples skipped anywhere in a stage's metrics."""
+    total = 0
+    for value in metrics.values():
+        if isinstance(value, dict):
+            total += sum(v for k, v in value.get("skipped", {}).items() if k != "good") + skipped_total(value)
+    return total
+
+
+def input_signature(spec: str) -> list[list]:
+    """What identifies a split's input shards: each path with its size and modification time.
+
+    A shard that is not a local file (a URL, ``pipe:``) is identified by its name alone.
+    """
+    signature = []
+    for url in expand_shard_spec(spec):
+        if os.path.isfile(url):
+            info = os.stat(url)
+            signature.append([url, info.st_size, info.st_mtime_ns])
+        else:
+            signature.append([url])
+    return signature
+
+
+def reset_if_changed(folder: Path, fingerprint: dict) -> bool:
+    """Empty ``folder`` unless it was written under the same ``fingerprint``; return whether it was kept.
+
+    Under ``torchrun`` rank 0 decides and the other ranks wait for it.
+    """
+    record = folder / "config.json"
+    wanted = json.dumps(fingerprint, sort_keys=True)
+    kept = record.is_file() and record.read_text() == wanted
+    if distributed.is_main() and not kept:
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        write_text(record, wanted)
+    distributed.barrier()
+    return kept
+
+
+def fit_split(
+    image_spec: str,
+    out_dir: Path,
+    num_splats: int,
+    settings: FitSettings,
+    batch_size: int,
+    data: DataConfig,
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> SplatShardStats:
+    """Fit every image of this rank's input shards of ``image_spec``; one splat shard per input shard."""
+    start = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats = SplatShardStats()
+    for source_shard in progress_bar(shards_of_this_rank(image_spec), desc=f"fit {level_name(num_splats)}",
+                                     disable=not progress):
+        final = out_dir / splat_shard_name(source_shard)
+        if shard_is_complete(str(final)):
+            stats.shards_skipped += 1
+            continue
+        reader = ImageTextShards(
+            [source_shard], image_size=data.image_size, resize_mode=data.resize_mode, channels=data.channels,
+            rank=0, world_size=1, split_by_worker=False,
+        )
+        with open_splat_shard(final) as writer:
+            for batch in batched(reader, batch_size):
+                _fit_and_write(batch, writer, num_splats, settings, device, source_shard, data, stats)
+        stats.skip_counts = stats.skip_counts + reader.skip_counts
+        stats.shards_written += 1
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _fit_and_write(
+    batch: list[ImageTextSample],
+    writer: SplatShardWriter,
+    num_splats: int,
+    settings: FitSettings,
+    device: torch.device | str,
+    source_shard: str,
+    data: DataConfig,
+    stats: SplatShardStats,
+) -> None:
+    records: list[tuple[bytes, int, float] | None] = [None] * len(batch)
+    for (channels, height, width), positions in group_by_shape([s.image.shape for s in batch]).items():
+        if num_splats > height * width:
+            logger.warning("skipping %d images of %dx%d: fewer pixels than %d splats", len(positions), height,
+                           width, num_splats)
+            continue
+        images = torch.stack([batch[p].image for p in positions]).to(device)
+        result = fit_splats(images, num_splats, settings, progress=False)
+        stats.fit_seconds += result.seconds
+        splats = result.splats.to("cpu")
+        dropped = set(result.dropped)
+        for index, position in enumerate(positions):
+            if index in dropped:
+                continue
+            try:
+                record = encode_splats(splats, index, height, width)
+            except CodecError as error:
+                logger.warning("dropping %s: its splats cannot be stored (%s)", batch[position].key, error)
+                continue
+            records[position] = (record, int(splats.valid[index].sum()), float(result.psnr[index]))
+    for sample, stored in zip(batch, records):
+        if stored is None:
+            stats.dropped_fits += 1
+            continue
+        record, count, quality = stored
+        channels, height, width = sample.image.shape
+        metadata = {
+            "N": count,
+            "C": channels,
+            "H": height,
+            "W": width,
+            "psnr": finite_or_none(quality),
+            "bytes": len(record),
+            "payload_bytes": payload_bytes(count, channels),
+            "source_key": sample.key,
+            "source_shard": os.path.basename(source_shard),
+            "label": sample.label,
+            "image_size": data.image_size,
+            "resize_mode": data.resize_mode,
+        }
+        stats.add_sample(writer, sample.key, record, sample.caption, metadata, quality)
+
+
+def fit_level(params: Params, *, progress: bool = True) -> dict:
+    """Fit every split at ``fit.num_splats``; return the stage's metrics (one entry per split).
+
+    Resumes an interrupted fit made from the same inputs with the same settings; a split whose
+    inputs or settings changed starts afresh. A folder left from a split no longer fitted is removed.
+    """
+    count = params.fit.num_splats
+    splits = params.splat_splits()
+    level_root = Path(params.fit.out_dir) / level_name(count)
+    if distributed.is_main() and level_root.is_dir():
+        for entry in level_root.iterdir():
+            if entry.name not in splits:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    metrics: dict = {"resumed": {}}
+    device = distributed.default_device()
+    for split, spec in splits.items():
+        folder = params.splat_dir(count, split)
+        fingerprint = {
+            "fit": params.fit.model_dump(mode="json"),
+            "data": {key: getattr(params.data, key) for key in ("image_size", "channels", "resize_mode")},
+            "inputs": input_signature(spec),
+        }
+        metrics["resumed"][split] = reset_if_changed(folder, fingerprint)
+        stats = fit_split(spec, folder, count, params.fit.optimizer, params.fit.batch_size, params.data,
+                          device=device, progress=progress)
+        metrics[split] = level_metrics(stats, count, params.data)
+    metrics["skipped_total"] = skipped_total(metrics)
+    return metrics
+
+
+def example_figure(params: Params, counts: list[int], split: str | None = None, count: int = 6):
+    """The first images of an evaluation split beside their splats at each of ``counts``."""
+    split = split or params.shown_split()
+    examples = read_level_examples(
+        {level: params.splat_dir(level, split) for level in counts},
+        params.splat_splits()[split],
+        image_size=params.data.image_size, channels=params.data.channels, resize_mode=params.data.resize_mode,
+        count=count,
+    )
+    settings = params.fit.optimizer
+    return splat_figures.plot_level_examples(examples.images, examples.splats, examples.captions, cutoff=settings.cutoff,
+                                       backend=settings.backend)
+
+
+def run(params: Params, *, progress: bool = True) -> StageResult:
+    """The ``fit`` stage: every split fitted at the largest level, and a figure of examples."""
+    metrics = fit_level(params, progress=progress)
+    empty = [split for split in params.splat_splits() if metrics[split]["images"] == 0]
+    if empty:
+        raise RuntimeError(f"the fit stage wrote no image for the split(s) {empty}: {metrics}")
+    figures_made = {}
+    if distributed.is_main():
+        figures_made["examples"] = example_figure(params, [params.fit.num_splats])
+    return StageResult(metrics=metrics, figures=figures_made, summary=splits_summary(metrics, params.splat_splits()))
+
+
+__all__ = ["SplatShardStats", "batched", "fit_level", "fit_split", "level_metrics", "run", "skipped_total"]

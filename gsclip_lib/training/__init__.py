@@ -1,0 +1,1 @@
+"""Training: the loop, seeded epoch batches, the contrastive objectives and the alignment's stages."""
