@@ -13,9 +13,10 @@ recognizes but cannot decode (``truncated_image``: data cut short or corrupt); n
 all; no caption or an empty one; a caption that is not UTF-8; a ``.json`` that is not a JSON
 object; a sample whose member a broken tar stream cut off (``cut_samples``). A shard whose tar
 stream breaks (truncated file, garbage header, missing end-of-archive marker) counts once in
-``corrupt_shards``: the samples completed before the break are kept, the rest of the shard is
-skipped (a sample whose first header was cut is not seen, so not counted). A shard that cannot be
-opened counts in ``unreadable_shards``. Grayscale, palette, transparent, 16-bit and CMYK images are
+``corrupt_shards``: the samples completed before the break are kept, the sample the break cut is
+counted in ``cut_samples``, the rest of the shard is skipped (:func:`iter_tar_samples`). A local
+path that does not exist is an error when the spec is read (:func:`expand_shard_spec`); a shard
+that exists, or a URL, that cannot be opened counts in ``unreadable_shards``. Grayscale, palette, transparent, 16-bit and CMYK images are
 converted by :func:`gsclip_lib.data.image_decoding.to_rgb_or_gray` (transparency composited on white),
 not dropped.
 
@@ -63,6 +64,7 @@ from webdataset.tariterators import base_plus_ext
 
 from gsclip_lib.atomic_files import atomic_output
 from gsclip_lib.distributed import resolve_rank
+from gsclip_lib.errors import InputError
 from gsclip_lib.data.image_decoding import IMAGE_EXTENSIONS, image_to_tensor, resize_and_center_crop, to_rgb_or_gray
 
 logger = logging.getLogger(__name__)
@@ -159,20 +161,33 @@ def expand_shard_spec(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> 
     """
     if isinstance(spec, (str, os.PathLike)):
         text = os.fspath(spec)
+        if not text.strip():
+            raise InputError("the shard spec is empty")
         if os.path.isdir(text):
-            return list_shards(text)
-        if "://" not in text and not text.startswith("pipe:") and any(ch in text for ch in "*?["):
+            shards = list_shards(text)
+            if not shards:
+                raise InputError(f"the shard folder {text!r} holds no .tar, .tar.gz or .tgz file")
+            return shards
+        local = "://" not in text and not text.startswith("pipe:")
+        if local and any(ch in text for ch in "*?["):
             matches = sorted(glob.glob(text))
             if not matches:
-                raise ValueError(f"no shard matches {text!r}")
+                raise InputError(f"no shard matches {text!r}")
             return matches
-        return list(expand_urls(text))
+        urls = list(expand_urls(text))
+        missing = [url for url in urls if local and not os.path.isfile(url)]
+        if missing:
+            raise InputError(
+                f"the shard spec {text!r} names {len(missing)} file(s) that do not exist (first: {missing[0]}); "
+                "give a folder, a glob, a brace pattern of existing files, or a URL"
+            )
+        return urls
     if isinstance(spec, Sequence):
         shards: list[str] = []
         for item in spec:
             shards.extend(expand_shard_spec(item))
         return shards
-    raise ValueError(f"cannot read a shard spec of type {type(spec).__name__}: {spec!r}")
+    raise InputError(f"cannot read a shard spec of type {type(spec).__name__}: {spec!r}")
 
 
 def list_shards(folder: str | os.PathLike) -> list[str]:
@@ -202,28 +217,45 @@ class RawSample:
 
 
 class _WatchedTarInfo(tarfile.TarInfo):
-    """Records how a stream ended: tarfile reads a truncated or garbled header as a quiet end."""
+    """Records how a stream ended: tarfile reads a truncated or garbled header as a quiet end.
+
+    For a header cut short by the end of the stream it also keeps the member's name when the name
+    field (the header's first 100 bytes) arrived whole: that tells whether the cut member belonged
+    to the sample being read or began a new one. The body is ``TarInfo.fromtarfile`` with the header
+    block kept in hand.
+    """
 
     @classmethod
     def fromtarfile(cls, tarfile_):
+        block = tarfile_.fileobj.read(tarfile.BLOCKSIZE)
         try:
-            return super().fromtarfile(tarfile_)
+            info = cls.frombuf(block, tarfile_.encoding, tarfile_.errors)
         except tarfile.EOFHeaderError:  # a zero block: the proper end-of-archive marker
             tarfile_.gsclip_end = None
             raise
         except tarfile.HeaderError as error:  # empty, truncated or invalid header
             tarfile_.gsclip_end = error
+            truncated = isinstance(error, tarfile.TruncatedHeaderError) and len(block) >= _NAME_FIELD
+            tarfile_.gsclip_cut_name = block[:_NAME_FIELD].split(b"\0", 1)[0].decode("utf-8", "replace") if truncated else None
             raise
+        info.offset = tarfile_.fileobj.tell() - tarfile.BLOCKSIZE
+        return info._proc_member(tarfile_)
+
+
+_NAME_FIELD = 100  # bytes of a tar header's name field
 
 
 def iter_tar_samples(url: str, counts: SkipCounts) -> Iterator[RawSample]:
     """The samples of one shard; a broken stream ends the shard and is counted, never raised.
 
     Members are grouped into samples by key, as webdataset does (``base_plus_ext``: the key is the
-    name up to the first dot of its file name). When the stream breaks while a member's data is
-    read, that member's sample is incomplete: it is counted in ``cut_samples`` and dropped. A sample
-    completed before the break is yielded as usual. Checking for the end-of-archive marker catches
-    truncation at a header, which Python's tarfile otherwise takes for the end of the archive.
+    name up to the first dot of its file name). When the stream breaks, the sample it breaks is
+    counted in ``cut_samples`` and dropped, never passed on with members missing: the sample whose
+    member was being read, or, when a header was cut, the sample that header's name belongs to.
+    Where nothing tells (a header cut inside its name, a garbled header), the sample being collected
+    is taken as cut, since more of its members may have followed. Samples that ended before the
+    break are yielded as usual. Checking for the end-of-archive marker catches truncation at a
+    header, which Python's tarfile otherwise takes for the end of the archive.
     """
     try:
         stream = gopen(url, "rb")
@@ -233,6 +265,7 @@ def iter_tar_samples(url: str, counts: SkipCounts) -> Iterator[RawSample]:
         return
     pending: RawSample | None = None
     reading: str | None = None  # key of the member whose data is being read
+    archive = None
     try:
         archive = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_WatchedTarInfo)
         for info in archive:
@@ -260,10 +293,17 @@ def iter_tar_samples(url: str, counts: SkipCounts) -> Iterator[RawSample]:
         counts.count("corrupt_shards")
         where = pending.key if pending else "its start"
         logger.warning("shard %s is corrupt after %s: %s; skipping the rest of it", url, where, error)
-        if reading is not None:
+        # Which sample the break fell in: the member being read, or the one whose header was cut
+        # (when its name arrived whole); unknown otherwise.
+        cut_name = getattr(archive, "gsclip_cut_name", None) if archive is not None else None
+        cut_key = reading if reading is not None else (base_plus_ext(cut_name)[0] if cut_name else None)
+        if pending is not None and cut_key is not None and cut_key != pending.key:
+            counts.count("cut_samples")  # a new sample began and was cut; the pending one had ended
+        elif pending is not None or cut_key is not None:
+            # The break fell inside the pending sample, or nothing says whether more of its members
+            # were to follow: it is cut, never passed on.
             counts.count("cut_samples")
-            if pending is not None and pending.key == reading:
-                pending = None
+            pending = None
     finally:
         stream.close()
     if pending is not None:
@@ -369,7 +409,7 @@ class ShardDataset(IterableDataset):
         super().__init__()
         self.shards = expand_shard_spec(spec)
         if not self.shards:
-            raise ValueError(f"the shard spec {spec!r} names no shard")
+            raise InputError(f"the shard spec {spec!r} names no shard")
         self.rank, self.world_size = resolve_rank(rank, world_size)
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")

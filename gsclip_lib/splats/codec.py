@@ -12,17 +12,19 @@ Record layout (all integers and floats little-endian):
 offset   size (bytes)           field                       meaning
 =======  =====================  ==========================  =======================================
 0        4                      magic                       ``b"GSPL"``
-4        1                      version (u8)                :data:`FORMAT_VERSION`, currently 1
+4        1                      version (u8)                :data:`FORMAT_VERSION`, currently 2
 5        1                      channels C (u8)             colour channels, 1..255
 6        2                      height H (u16)              source image height in pixels, 1..65535
 8        2                      width W (u16)               source image width in pixels, 1..65535
 10       4                      splat count N (u32)         number of (valid) splats stored
-14       4                      payload CRC32 (u32)         ``zlib.crc32`` of the payload bytes
+14       4                      CRC32 (u32)                 ``zlib.crc32`` of bytes 0-13 and the payload
 18       N * (5 + C) * 2        payload                     N rows of 5 + C fp16 values:
                                                             ``x, y, l11, l21, l22, c_0 .. c_{C-1}``
 =======  =====================  ==========================  =======================================
 
-The header is :data:`HEADER_BYTES` = 18 bytes. Units follow :mod:`gsclip_lib.splats.container`: positions and
+The checksum covers the header's other fields as well as the payload (version 2; version 1 checked
+the payload alone, so a flipped bit in the size or count went unseen), and it is checked before any
+field is trusted beyond the record's length. The header is :data:`HEADER_BYTES` = 18 bytes. Units follow :mod:`gsclip_lib.splats.container`: positions and
 Cholesky factors in pixels, colours in image units. Only valid splats are written, in slot order;
 invalid (pruned or padded) slots cost nothing. A decoded record is all-valid float32 splats.
 
@@ -46,9 +48,10 @@ from torch import Tensor
 from gsclip_lib.splats.container import Splats
 
 MAGIC = b"GSPL"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _HEADER = struct.Struct("<4sBBHHII")  # magic, version, C, H, W, N, CRC32
 HEADER_BYTES = _HEADER.size  # 18
+_CRC_OFFSET = 14  # the CRC field's first byte: the fields before it are checksummed
 SPLAT_GEOMETRY_VALUES = 5  # x, y, l11, l21, l22
 FP16_MAX = 65504.0
 _MAX_U16 = 0xFFFF
@@ -123,14 +126,20 @@ def encode_splats(splats: Splats, image_index: int, height: int, width: int) -> 
         raise CodecError(f"too many splats for one record: {num_splats} > {_MAX_U32}")
     _check_fits_fp16(rows, image_index)
     payload = rows.to(device="cpu", dtype=torch.float16).numpy().astype("<f2", copy=False).tobytes()
-    header = _HEADER.pack(
-        MAGIC, FORMAT_VERSION, splats.channels, height, width, num_splats, zlib.crc32(payload)
-    )
-    return header + payload
+    fields = _HEADER.pack(MAGIC, FORMAT_VERSION, splats.channels, height, width, num_splats, 0)[:_CRC_OFFSET]
+    crc = _record_crc(fields, payload)
+    return _HEADER.pack(MAGIC, FORMAT_VERSION, splats.channels, height, width, num_splats, crc) + payload
+
+
+def _record_crc(fields: bytes, payload: bytes) -> int:
+    """The record's checksum: the header's fields before the CRC, then the payload."""
+    return zlib.crc32(payload, zlib.crc32(fields))
 
 
 def decode_splats(record: bytes, device: torch.device | str | None = None) -> DecodedSplats:
     """Read one record back as float32 splats (batch of 1, all valid) on ``device`` (or the CPU)."""
+    if not isinstance(record, (bytes, bytearray, memoryview)):
+        raise CodecError(f"a splat record is bytes, got {type(record).__name__}")
     record = bytes(record)
     if len(record) < HEADER_BYTES:
         if not MAGIC.startswith(record[: len(MAGIC)]):
@@ -154,19 +163,20 @@ def decode_splats(record: bytes, device: torch.device | str | None = None) -> De
     if len(record) < expected:
         raise CodecError(
             f"truncated: expected {expected} bytes for {num_splats} splats x {channels} channels, "
-            f"got {len(record)}"
+            f"got {len(record)} (or the header's count is corrupt)"
         )
     if len(record) > expected:
         raise CodecError(
             f"{len(record) - expected} trailing bytes after a record of {expected} bytes "
-            "(records must be stored one per blob)"
+            "(records must be stored one per blob; or the header's count is corrupt)"
         )
-    payload = record[HEADER_BYTES:]
-    if zlib.crc32(payload) != crc:
+    actual_crc = _record_crc(record[:_CRC_OFFSET], record[HEADER_BYTES:])
+    if actual_crc != crc:
         raise CodecError(
-            f"corrupt payload: CRC32 {zlib.crc32(payload):#010x} does not match the header's "
+            f"corrupt record: CRC32 {actual_crc:#010x} of its {len(record)} bytes does not match the header's "
             f"{crc:#010x}"
         )
+    payload = record[HEADER_BYTES:]
     values = np.frombuffer(payload, dtype="<f2").reshape(
         num_splats, SPLAT_GEOMETRY_VALUES + channels
     )

@@ -22,6 +22,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from gsclip_lib.errors import InputError
+
 
 @dataclass(frozen=True)
 class Splats:
@@ -109,7 +111,7 @@ class Splats:
         if num_slots is None:
             num_slots = most
         if most > num_slots:
-            raise ValueError(f"an image has {most} valid splats, more than num_slots={num_slots}")
+            raise InputError(f"an image has {most} valid splats, more than num_slots={num_slots}")
         # Stable sort puts valid slots first and keeps their relative order.
         order = torch.sort((~self.valid).to(torch.int8), dim=1, stable=True).indices[:, :num_slots]
 
@@ -120,79 +122,88 @@ class Splats:
         return Splats(take(self.positions), take(self.cholesky), take(self.colours), valid)
 
 
+PIXEL_TOLERANCE = 1e-4  # images a resampler overshot by a rounding error are still accepted
+# Beyond 2^24 pixels a float32 coordinate cannot tell neighbouring pixels apart: no render is right.
+MAX_COORDINATE = float(2**24)
+
+
 def check_splat_tensors(positions: Tensor, cholesky: Tensor, colours: Tensor, valid: Tensor) -> None:
     """Raise ValueError naming the problem when the four splat tensors do not fit together."""
     for name, value in (("positions", positions), ("cholesky", cholesky), ("colours", colours)):
         if not isinstance(value, Tensor):
-            raise ValueError(f"splat {name} must be a torch.Tensor, got {type(value).__name__}")
+            raise InputError(f"splat {name} must be a torch.Tensor, got {type(value).__name__}")
         if value.dim() != 3:
-            raise ValueError(f"splat {name} must have shape [B, N, k], got {tuple(value.shape)}")
+            raise InputError(f"splat {name} must have shape [B, N, k], got {tuple(value.shape)}")
         if not value.is_floating_point():
-            raise ValueError(f"splat {name} must be a floating-point tensor, got {value.dtype}")
+            raise InputError(f"splat {name} must be a floating-point tensor, got {value.dtype}")
     if positions.shape[-1] != 2:
-        raise ValueError(f"splat positions must be [B, N, 2], got {tuple(positions.shape)}")
+        raise InputError(f"splat positions must be [B, N, 2], got {tuple(positions.shape)}")
     if cholesky.shape[-1] != 3:
-        raise ValueError(f"splat cholesky factors must be [B, N, 3], got {tuple(cholesky.shape)}")
+        raise InputError(f"splat cholesky factors must be [B, N, 3], got {tuple(cholesky.shape)}")
     if colours.shape[-1] < 1:
-        raise ValueError(f"splat colours need at least one channel, got {tuple(colours.shape)}")
+        raise InputError(f"splat colours need at least one channel, got {tuple(colours.shape)}")
     if not (positions.shape[:2] == cholesky.shape[:2] == colours.shape[:2]):
-        raise ValueError(
+        raise InputError(
             "splat tensors disagree on [B, N]: positions "
             f"{tuple(positions.shape)}, cholesky {tuple(cholesky.shape)}, colours {tuple(colours.shape)}"
         )
     if not isinstance(valid, Tensor) or valid.dtype != torch.bool:
-        raise ValueError("splat valid mask must be a bool tensor")
+        raise InputError("splat valid mask must be a bool tensor")
     if tuple(valid.shape) != tuple(positions.shape[:2]):
-        raise ValueError(
+        raise InputError(
             f"splat valid mask must be [B, N] = {tuple(positions.shape[:2])}, got {tuple(valid.shape)}"
         )
     devices = {positions.device, cholesky.device, colours.device, valid.device}
     if len(devices) != 1:
-        raise ValueError(f"splat tensors live on different devices: {sorted(map(str, devices))}")
+        raise InputError(f"splat tensors live on different devices: {sorted(map(str, devices))}")
 
 
 def check_images(images: Tensor) -> None:
     """Raise ValueError naming the problem unless ``images`` is a usable ``[B, C, H, W]`` float batch."""
     if not isinstance(images, Tensor):
-        raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        raise InputError(f"images must be a torch.Tensor, got {type(images).__name__}")
     if images.dim() != 4:
-        raise ValueError(
+        raise InputError(
             f"images must have rank 4, [B, C, H, W]; got rank {images.dim()} with shape "
             f"{tuple(images.shape)}"
         )
     if not images.is_floating_point():
-        raise ValueError(
+        raise InputError(
             f"images must be floating point in [0, 1], got {images.dtype} "
             "(convert uint8 with images.float() / 255)"
         )
     batch, channels, height, width = images.shape
     if batch == 0:
-        raise ValueError("images is an empty batch (B = 0)")
+        raise InputError("images is an empty batch (B = 0)")
     if height == 0 or width == 0:
-        raise ValueError(f"images are empty: height {height} x width {width}")
+        raise InputError(f"images are empty: height {height} x width {width}")
     if channels < 1:
-        raise ValueError(f"images need at least one channel, got C = {channels}")
+        raise InputError(f"images need at least one channel, got C = {channels}")
     if channels > 4 and images.shape[-1] in (1, 3, 4):
-        raise ValueError(
+        raise InputError(
             f"images look channels-last {tuple(images.shape)}; pass [B, C, H, W] "
             "(images.permute(0, 3, 1, 2))"
         )
     if channels > 4:
-        raise ValueError(f"images have {channels} channels; expected 1 (gray) or 3 (RGB)")
+        raise InputError(f"images have {channels} channels; expected 1 (gray) or 3 (RGB)")
     finite = torch.isfinite(images)
     if not bool(finite.all()):
         bad = (~finite).flatten(1).any(1).nonzero().flatten().tolist()
-        raise ValueError(f"images contain NaN or inf pixels (images at batch index {bad[:10]})")
+        raise InputError(f"images contain NaN or inf pixels (images at batch index {bad[:10]})")
+    low, high = float(images.min()), float(images.max())
+    if low < -PIXEL_TOLERANCE or high > 1 + PIXEL_TOLERANCE:
+        hint = " (0-255 data: divide by 255)" if high > 1.5 else ""
+        raise InputError(f"images must lie in [0, 1]; these hold values from {low:.4g} to {high:.4g}{hint}")
 
 
 def check_splat_count(num_splats: int, height: int, width: int) -> None:
     """Raise ValueError unless 0 < N <= H * W."""
     if not isinstance(num_splats, int) or isinstance(num_splats, bool):
-        raise ValueError(f"the splat count must be an int, got {num_splats!r}")
+        raise InputError(f"the splat count must be an int, got {num_splats!r}")
     if num_splats <= 0:
-        raise ValueError(f"the splat count must be positive, got N = {num_splats}")
+        raise InputError(f"the splat count must be positive, got N = {num_splats}")
     if num_splats > height * width:
-        raise ValueError(
+        raise InputError(
             f"more splats than pixels: N = {num_splats} for a {height}x{width} image "
             f"({height * width} pixels)"
         )
@@ -201,10 +212,41 @@ def check_splat_count(num_splats: int, height: int, width: int) -> None:
 def check_same_batch(splats: Splats, images: Tensor) -> None:
     """Raise ValueError unless the splats and the images describe the same batch and channels."""
     if splats.batch_size != images.shape[0]:
-        raise ValueError(
+        raise InputError(
             f"mismatched batch: {splats.batch_size} splat sets for {images.shape[0]} images"
         )
     if splats.channels != images.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"wrong channel count: splats have C = {splats.channels}, images have C = {images.shape[1]}"
         )
+
+
+def check_renderable(splats: "Splats") -> None:
+    """Raise InputError unless every valid splat can be rendered: one floating dtype for the three
+    tensors, finite geometry and colour, centres within +-2^24 pixels, a non-zero Cholesky diagonal.
+
+    An invalid slot may hold anything; a valid splat with such values would otherwise vanish from
+    the render (or poison it) without a word.
+    """
+    dtypes = {splats.positions.dtype, splats.cholesky.dtype, splats.colours.dtype}
+    if len(dtypes) != 1:
+        raise InputError(
+            f"splat tensors must share one dtype: positions {splats.positions.dtype}, cholesky "
+            f"{splats.cholesky.dtype}, colours {splats.colours.dtype}"
+        )
+    valid = splats.valid
+    problems = {
+        "non-finite centre": ~torch.isfinite(splats.positions).all(-1),
+        "centre beyond 2^24 pixels": splats.positions.abs().amax(-1) > MAX_COORDINATE,
+        "non-finite Cholesky factor": ~torch.isfinite(splats.cholesky).all(-1),
+        "zero Cholesky diagonal": (splats.cholesky[..., 0] == 0) | (splats.cholesky[..., 2] == 0),
+        "non-finite colour": ~torch.isfinite(splats.colours).all(-1),
+    }
+    for problem, bad in problems.items():
+        bad = bad & valid
+        if bool(bad.any()):
+            image, slot = (int(i) for i in bad.nonzero()[0])
+            raise InputError(
+                f"{int(bad.sum())} valid splat(s) with a {problem} (first: image {image}, slot {slot}); "
+                "mark unusable slots invalid, or fix the values"
+            )

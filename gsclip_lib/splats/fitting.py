@@ -67,6 +67,8 @@ def fit_splats(
     description: str = "fit",
 ) -> FitResult:
     check_images(images)
+    if images.dtype in (torch.float16, torch.bfloat16):
+        images = images.float()  # half precision cannot hold the fit's small steps: fit in fp32
     _, _, height, width = images.shape
     if initial is None:
         check_splat_count(num_splats, height, width)
@@ -97,21 +99,35 @@ def fit_splats(
 
     start = time.perf_counter()
     bar = progress_bar(range(settings.iterations), desc=description, disable=not progress)
+    def restart_or_drop(bad: Tensor, what: str) -> None:  # bad: [B] bool
+        """Put the ``bad`` images back to their start, or drop those restarted too often."""
+        _restart_images(bad.nonzero().flatten(), params, initial, optimizer)
+        for image in bad.nonzero().flatten().tolist():
+            restarts[image] += 1
+            if restarts[image] > settings.max_retries:
+                alive[image] = False
+                dropped.append(image)
+                report(f"{description}: image {image} dropped, {what} again")
+            else:
+                retried.append(image)
+                report(f"{description}: image {image} restarted, {what}")
+
     for iteration in bar:
+        # Splats that left the finite numbers are handled before the render, which refuses them
+        # rather than drop them silently; a start that is itself broken is dropped at once.
+        broken = alive & ~_finite_splats(positions, cholesky, colours, valid)
+        if bool(broken.any()):
+            restart_or_drop(broken, "its splats became non-finite")
+            unusable = alive & ~_finite_splats(positions, cholesky, colours, valid)
+            for image in unusable.nonzero().flatten().tolist():
+                alive[image] = False
+                dropped.append(image)
+                report(f"{description}: image {image} dropped, its starting splats are non-finite")
         rendered = render()
         losses = fit_loss_per_image(rendered, images, colours, valid, settings.colour_l1)
         bad = alive & ~torch.isfinite(losses)
         if bool(bad.any()):
-            _restart_images(bad.nonzero().flatten(), params, initial, optimizer)
-            for image in bad.nonzero().flatten().tolist():
-                restarts[image] += 1
-                if restarts[image] > settings.max_retries:
-                    alive[image] = False
-                    dropped.append(image)
-                    report(f"{description}: image {image} dropped, loss non-finite again")
-                else:
-                    retried.append(image)
-                    report(f"{description}: image {image} restarted, loss became non-finite")
+            restart_or_drop(bad, "loss non-finite")
             # The restart rewrote the parameters in place: evaluate them afresh.
             rendered = render()
             losses = fit_loss_per_image(rendered, images, colours, valid, settings.colour_l1)
@@ -145,6 +161,13 @@ def fit_splats(
         dropped=sorted(dropped),
         history=history,
     )
+
+
+def _finite_splats(positions: Tensor, cholesky: Tensor, colours: Tensor, valid: Tensor) -> Tensor:  # [B] bool
+    """Whether each image's valid splats hold only finite numbers."""
+    with torch.no_grad():
+        finite = torch.cat([positions, cholesky, colours], -1).isfinite().all(-1) | ~valid
+    return finite.all(-1)
 
 
 def _restart_images(

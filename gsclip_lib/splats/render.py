@@ -15,13 +15,15 @@ default is 3.5, where the weight has fallen to 2.2e-3; ``math.inf`` gives the ex
 from __future__ import annotations
 
 import math
+import os
 import typing
 
 import torch
 from torch import Tensor
 
 from gsclip_lib.params import RenderBackend
-from gsclip_lib.splats.container import Splats
+from gsclip_lib.errors import InputError
+from gsclip_lib.splats.container import Splats, check_renderable
 from kernels.rasterize_torch import rasterize_dense_torch
 from kernels.rasterize_windowed import rasterize_windowed_torch
 
@@ -32,7 +34,7 @@ DEFAULT_CUTOFF = 3.5
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete rasterizer ``backend`` means for tensors on ``device``."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown render backend {backend!r}; choose one of {BACKENDS}")
+        raise InputError(f"unknown render backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
         return "triton" if device.type == "cuda" else "windowed"
     return backend
@@ -40,7 +42,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def check_cutoff(cutoff: float) -> None:
     if not (isinstance(cutoff, (int, float)) and cutoff > 0) or math.isnan(cutoff):
-        raise ValueError(f"the render cutoff must be a positive number of standard deviations, got {cutoff!r}")
+        raise InputError(f"the render cutoff must be a positive number of standard deviations, got {cutoff!r}")
 
 
 def render_splats(
@@ -51,12 +53,22 @@ def render_splats(
     backend: str = "auto",
     cutoff: float = DEFAULT_CUTOFF,
 ) -> Tensor:  # [B, C, H, W]
-    """I(p) = sum_i c_i exp(-1/2 (p - mu_i)^T Sigma_i^-1 (p - mu_i)) over the valid splats."""
+    """I(p) = sum_i c_i exp(-1/2 (p - mu_i)^T Sigma_i^-1 (p - mu_i)) over the valid splats.
+
+    Valid splats must be renderable (:func:`gsclip_lib.splats.container.check_renderable`): a NaN
+    centre or a zero Cholesky diagonal is an error here, never a splat that silently vanishes.
+    """
     for name, value in (("height", height), ("width", width)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"render {name} must be a positive int, got {value!r}")
+            raise InputError(f"render {name} must be a positive int, got {value!r}")
     check_cutoff(cutoff)
+    check_renderable(splats)
     chosen = resolve_backend(backend, splats.device)
+    if chosen == "triton" and splats.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise InputError(
+            f"the triton backend needs CUDA tensors, these are on {splats.device}; use backend 'auto' or "
+            "'windowed' on the CPU (or set TRITON_INTERPRET=1 before importing it, to run Triton's interpreter)"
+        )
     args = (splats.positions, splats.cholesky, splats.colours, splats.valid, height, width, cutoff)
     if chosen == "triton":
         # Imported here: the Triton module needs TRITON_INTERPRET decided before its import, and a

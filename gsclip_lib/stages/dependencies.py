@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -76,6 +77,22 @@ def closure(root: Path, sources: list[str]) -> list[str]:
     for module_file in list(files):
         files.update(DATA_FILES.get(module_file, []))
     return sorted(files)
+
+
+def code_fingerprint(module: str) -> str:
+    """A hash of every project file that importing ``module`` executes: changes when its code does.
+
+    Stages that resume from their own finished outputs keep it with them, so that outputs made by
+    other code are never kept.
+    """
+    root = Path(__file__).resolve().parents[2]
+    digest = hashlib.sha256()
+    for relative in closure(root, [f"import {module}"]):
+        path = root / relative
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file():
+                digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def notebook_code(path: Path) -> list[str]:

@@ -7,8 +7,11 @@ folder when set), every input image shard becomes one splat shard of the same na
 ``fit.batch_size`` at a time with :func:`gsclip_lib.splats.fitting.fit_splats`.
 
 Resuming: a shard complete under its final name is skipped, so a killed fit continues where it
-stopped. Only shards made from the same inputs with the same settings may be kept: a split folder
-records what it was made from (``config.json``) and is emptied when that changed. Under ``torchrun``
+stopped, and its statistics are read back from the file written beside it
+(``<shard>.stats.json``), so the stage's metrics describe the whole split however often it was
+resumed. Only shards made from the same inputs, with the same settings, by the same code may be
+kept: a split folder records what it was made from (``config.json``: the settings, the input
+shards' sizes and times, and a hash of the fitting code) and is emptied when that changed. Under ``torchrun``
 ranks take disjoint input shards (shard ``i`` goes to rank ``i % world_size``) and rank 0 decides
 about resetting a folder while the others wait.
 """
@@ -28,7 +31,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from gsclip_lib import distributed
-from gsclip_lib.atomic_files import write_text
+from gsclip_lib.atomic_files import write_json, write_text
 from gsclip_lib.data.image_text_shards import ImageTextSample, ImageTextShards, SkipCounts, expand_shard_spec
 from gsclip_lib.data.splat_shards import (
     SplatShardWriter,
@@ -43,6 +46,7 @@ from gsclip_lib.progress import progress_bar
 from gsclip_lib.reporting import splat_figures
 from gsclip_lib.splats.codec import CodecError, compression_ratio, encode_splats, payload_bytes, source_bytes
 from gsclip_lib.splats.fitting import fit_splats
+from gsclip_lib.stages.dependencies import code_fingerprint
 from gsclip_lib.stages.runner import StageResult
 
 logger = logging.getLogger(__name__)
@@ -69,6 +73,22 @@ class SplatShardStats:
     @property
     def mean_psnr(self) -> float:
         return self.psnr_sum / self.psnr_count if self.psnr_count else math.nan
+
+    # The fields that describe the samples themselves: what a finished shard's stats file keeps.
+    SAMPLE_FIELDS = ("images", "dropped_fits", "no_source_image", "fit_seconds", "record_bytes", "psnr_sum",
+                     "psnr_count", "psnr_before_sum", "psnr_before_count")
+
+    def shard_record(self) -> dict[str, Any]:
+        """What one shard's stats file holds."""
+        record = {name: getattr(self, name) for name in self.SAMPLE_FIELDS}
+        record["skip_counts"] = self.skip_counts.as_dict()
+        return record
+
+    def merge(self, record: dict[str, Any]) -> None:
+        """Add one shard's statistics (as :meth:`shard_record` wrote them)."""
+        for name in self.SAMPLE_FIELDS:
+            setattr(self, name, getattr(self, name) + record[name])
+        self.skip_counts = self.skip_counts + SkipCounts(**record["skip_counts"])
 
     def add_sample(self, writer: SplatShardWriter, key: str, record: bytes, caption: str,
                    metadata: dict[str, Any], quality: float) -> None:
@@ -158,6 +178,22 @@ def input_signature(spec: str) -> list[list]:
     return signature
 
 
+STATS_SUFFIX = ".stats.json"
+
+
+def stats_path(shard: Path) -> Path:
+    """Where a finished shard's statistics are kept: ``<shard>.stats.json`` beside it (not a shard)."""
+    return shard.with_name(shard.name + STATS_SUFFIX)
+
+
+def finished_shard_stats(shard: Path) -> dict[str, Any] | None:
+    """The statistics of a complete shard, or None when the shard or its statistics are missing."""
+    sidecar = stats_path(shard)
+    if not (shard_is_complete(str(shard)) and sidecar.is_file()):
+        return None
+    return json.loads(sidecar.read_text())
+
+
 def reset_if_changed(folder: Path, fingerprint: dict) -> bool:
     """Empty ``folder`` unless it was written under the same ``fingerprint``; return whether it was kept.
 
@@ -193,17 +229,22 @@ def fit_split(
     for source_shard in progress_bar(shards_of_this_rank(image_spec), desc=f"fit {level_name(num_splats)}",
                                      disable=not progress):
         final = out_dir / splat_shard_name(source_shard)
-        if shard_is_complete(str(final)):
+        finished = finished_shard_stats(final)
+        if finished is not None:
+            stats.merge(finished)
             stats.shards_skipped += 1
             continue
         reader = ImageTextShards(
             [source_shard], image_size=data.image_size, resize_mode=data.resize_mode, channels=data.channels,
             rank=0, world_size=1, split_by_worker=False,
         )
+        shard = SplatShardStats()
         with open_splat_shard(final) as writer:
             for batch in batched(reader, batch_size):
-                _fit_and_write(batch, writer, num_splats, settings, device, source_shard, data, stats)
-        stats.skip_counts = stats.skip_counts + reader.skip_counts
+                _fit_and_write(batch, writer, num_splats, settings, device, source_shard, data, shard)
+            shard.skip_counts = reader.skip_counts.copy()
+            write_json(stats_path(final), shard.shard_record())  # before the shard itself is published
+        stats.merge(shard.shard_record())
         stats.shards_written += 1
     stats.seconds = time.perf_counter() - start
     return stats
@@ -270,6 +311,8 @@ def fit_level(params: Params, *, progress: bool = True) -> dict:
     """
     count = params.fit.num_splats
     splits = params.splat_splits()
+    for spec in splits.values():
+        expand_shard_spec(spec)  # a spec that names no shard is an error before anything is written
     level_root = Path(params.fit.out_dir) / level_name(count)
     if distributed.is_main() and level_root.is_dir():
         for entry in level_root.iterdir():
@@ -283,6 +326,7 @@ def fit_level(params: Params, *, progress: bool = True) -> dict:
             "fit": params.fit.model_dump(mode="json"),
             "data": {key: getattr(params.data, key) for key in ("image_size", "channels", "resize_mode")},
             "inputs": input_signature(spec),
+            "code": code_fingerprint(__name__),
         }
         metrics["resumed"][split] = reset_if_changed(folder, fingerprint)
         stats = fit_split(spec, folder, count, params.fit.optimizer, params.fit.batch_size, params.data,

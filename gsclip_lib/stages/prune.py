@@ -5,7 +5,9 @@ Every splat shard of the fitted level becomes a shard of the same name in
 (:func:`gsclip_lib.splats.pruning.prune_by_luminance`), then the survivors are refitted against the
 image for ``prune.finetune_iterations`` steps (0: kept as pruned) and the PSNR of what is stored is
 measured. The images are those the splats were fitted from, found by the splat sample's
-``source_shard`` and key and read with the same preprocessing. Resuming works as in the fit stage.
+``source_shard`` and key and read with the same preprocessing. Resuming works as in the fit stage:
+finished shards and their statistics are kept, unless the fitted level, the settings or the code
+changed since they were written.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from gsclip_lib.data.splat_shards import (
     SplatShards,
     SplatShardWriter,
     open_splat_shard,
-    shard_is_complete,
     shards_of_this_rank,
     splat_shard_name,
 )
@@ -37,8 +38,21 @@ from gsclip_lib.reporting import paper
 from gsclip_lib.splats.codec import CodecError, decode_batch, encode_splats, payload_bytes
 from gsclip_lib.splats.fitting import fit_splats
 from gsclip_lib.splats.pruning import prune_by_luminance
-from gsclip_lib.stages.fit import SplatShardStats, batched, example_figure, finite_or_none, group_by_shape
-from gsclip_lib.stages.fit import level_metrics, skipped_total, splits_summary
+from gsclip_lib.atomic_files import write_json
+from gsclip_lib.stages.dependencies import code_fingerprint
+from gsclip_lib.stages.fit import (
+    SplatShardStats,
+    batched,
+    example_figure,
+    finished_shard_stats,
+    finite_or_none,
+    group_by_shape,
+    level_metrics,
+    reset_if_changed,
+    skipped_total,
+    splits_summary,
+    stats_path,
+)
 from gsclip_lib.stages.runner import StageResult
 
 logger = logging.getLogger(__name__)
@@ -82,17 +96,22 @@ def prune_split(
     for splat_shard in progress_bar(shards_of_this_rank(str(fitted_dir)), desc=f"prune to {level_name(target_count)}",
                                     disable=not progress):
         final = out_dir / splat_shard_name(splat_shard)
-        if shard_is_complete(str(final)):
+        finished = finished_shard_stats(final)
+        if finished is not None:
+            stats.merge(finished)
             stats.shards_skipped += 1
             continue
         reader = SplatShards([splat_shard], rank=0, world_size=1, split_by_worker=False)
         images: SourceImages | None = None
+        shard = SplatShardStats()
         with open_splat_shard(final) as writer:
             for batch in batched(reader, batch_size):
                 if images is None:
                     images = _source_images(batch[0], image_shards, data)
-                _prune_and_write(batch, writer, target_count, settings, images, device, stats)
-        stats.skip_counts = stats.skip_counts + reader.skip_counts
+                _prune_and_write(batch, writer, target_count, settings, images, device, shard)
+            shard.skip_counts = reader.skip_counts.copy()
+            write_json(stats_path(final), shard.shard_record())  # before the shard itself is published
+        stats.merge(shard.shard_record())
         stats.shards_written += 1
     stats.seconds = time.perf_counter() - start
     return stats
@@ -180,6 +199,13 @@ def prune_level(params: Params, level: int, *, progress: bool = True) -> dict:
     device = distributed.default_device()
     metrics: dict = {}
     for split, spec in params.splat_splits().items():
+        fitted = params.splat_dir(params.fit.num_splats, split) / "config.json"
+        fingerprint = {
+            "prune": {"level": level, "refit": settings.model_dump(mode="json")},
+            "fitted": fitted.read_text() if fitted.is_file() else None,
+            "code": code_fingerprint(__name__),
+        }
+        reset_if_changed(params.splat_dir(level, split), fingerprint)
         stats = prune_split(
             params.splat_dir(params.fit.num_splats, split), params.splat_dir(level, split), level, settings,
             params.fit.batch_size, spec, params.data, device=device, progress=progress,

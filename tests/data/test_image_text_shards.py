@@ -20,6 +20,7 @@ from gsclip_lib.data.image_text_shards import (
     expand_shard_spec,
     write_image_text_shards,
 )
+from gsclip_lib.errors import InputError
 
 
 def encoded(image: Image.Image | np.ndarray, image_format: str, **options) -> bytes:
@@ -207,7 +208,8 @@ def corrupt_shards(tmp_path):
     header, start, size = member_offsets(data)["b-cut.jpg"]
     (tmp_path / "b.tar").write_bytes(data[: start + size // 2])
 
-    # Truncated inside a header: Python's tarfile would take this for a clean end of archive.
+    # Truncated inside a header after its name: Python's tarfile would take this for a clean end of
+    # archive; the name says c-lost began, so c-good1 had ended and c-lost is the cut sample.
     members_c = good_members("c-good0", 8) + good_members("c-good1", 9) + good_members("c-lost", 10)
     data = write_tar(tmp_path / "full-c.tar", members_c)
     header, start, size = member_offsets(data)["c-lost.jpg"]
@@ -221,7 +223,9 @@ def corrupt_shards(tmp_path):
     header, start, size = member_offsets(data)["f-cut.txt"]
     (tmp_path / "f.tar").write_bytes(data[: start + size // 2])
 
-    shards = [str(tmp_path / name) for name in ("a.tar", "b.tar", "c.tar", "d.tar", "missing.tar", "f.tar")]
+    # A URL that cannot be opened (a local path that does not exist is refused when the spec is read).
+    shards = [str(tmp_path / name) for name in ("a.tar", "b.tar", "c.tar", "d.tar")]
+    shards += [f"file://{tmp_path}/missing.tar", str(tmp_path / "f.tar")]
     expected = SkipCounts(
         good=9,
         truncated_image=2,
@@ -231,7 +235,7 @@ def corrupt_shards(tmp_path):
         bad_text=1,
         no_image=1,
         bad_metadata=1,
-        cut_samples=2,
+        cut_samples=3,
         corrupt_shards=4,
         unreadable_shards=1,
     )
@@ -245,7 +249,7 @@ def test_bad_samples_and_broken_shards_are_counted_and_good_ones_kept(corrupt_sh
     read = list(dataset)
     assert [s.key for s in read] == good_keys
     assert dataset.skip_counts == expected
-    assert dataset.skip_counts.skipped == 11
+    assert dataset.skip_counts.skipped == 12
     # Each sample carries the counts since the previous one, so the per-sample counts add up exactly.
     assert SkipCounts.total(s.skips for s in read) == expected
     assert collate_image_text(read).skips == expected
@@ -324,3 +328,36 @@ def test_sample_shuffle_is_seeded_and_keeps_every_sample(tmp_path):
     first = [s.key for s in ImageTextShards(paths, shuffle_buffer=8, shuffle_shards=True, seed=1)]
     again = [s.key for s in ImageTextShards(paths, shuffle_buffer=8, shuffle_shards=True, seed=1)]
     assert first == again and first != plain and sorted(first) == plain
+
+
+@pytest.mark.parametrize(
+    "member, cut",
+    [
+        ("s-cut.json", 40),  # inside the .json header's name: nothing says whose member it was
+        ("s-cut.json", 300),  # inside the .json header, after its name: a member of s-cut was cut
+        ("s-cut.txt", 200),  # the caption's header: not a "missing caption", a cut sample
+        ("s-next.jpg", 200),  # the header of the next sample's first member: s-cut had ended
+    ],
+)
+def test_a_sample_cut_by_a_broken_stream_is_counted_never_passed_on(tmp_path, member, cut):
+    members = good_members("s-good", 0) + good_members("s-cut", 1) + good_members("s-next", 2)
+    members[5] = ("s-cut.json", json.dumps({"uid": "s-cut", "label": 4}).encode())
+    data = write_tar(tmp_path / "full.tar", members)
+    header, _, _ = member_offsets(data)[member]
+    (tmp_path / "cut.tar").write_bytes(data[: header + cut])
+    dataset = ImageTextShards(str(tmp_path / "cut.tar"), image_size=8)
+    read = list(dataset)
+    survived = ["s-good", "s-cut"] if member == "s-next.jpg" else ["s-good"]
+    assert [sample.key for sample in read] == survived
+    assert all(sample.label is None or sample.key == "s-cut" and sample.label == 4 for sample in read)
+    counts = dataset.skip_counts
+    assert (counts.cut_samples, counts.corrupt_shards, counts.missing_caption, counts.good) == (1, 1, 0, len(survived))
+
+
+def test_a_spec_that_names_no_existing_file_is_an_error_before_anything_is_read(tmp_path):
+    for spec in ("/nonexistent/shards/", str(tmp_path / "train-{000000..000002}.tar"), str(tmp_path / "*.tar"), ""):
+        with pytest.raises(InputError, match="shard"):
+            expand_shard_spec(spec)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds no .tar"):
+        expand_shard_spec(str(tmp_path / "empty"))

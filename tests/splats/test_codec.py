@@ -206,14 +206,30 @@ def test_trailing_garbage_is_rejected(record: bytes) -> None:
 
 def test_unknown_version_is_rejected(record: bytes) -> None:
     damaged = bytearray(record)
-    damaged[4] = 2
-    with pytest.raises(CodecError, match="unsupported splat record version 2"):
+    damaged[4] = 9
+    with pytest.raises(CodecError, match="unsupported splat record version 9"):
         decode_splats(bytes(damaged))
+
+
+def test_every_flipped_bit_of_the_size_and_count_is_caught(record: bytes) -> None:
+    # Version 1 checked the payload alone: a flipped bit in H or W decoded as another image size.
+    for byte in range(6, 14):  # height, width, splat count
+        for bit in range(8):
+            damaged = bytearray(record)
+            damaged[byte] ^= 1 << bit
+            with pytest.raises(CodecError, match="corrupt"):
+                decode_splats(bytes(damaged))
+
+
+def test_what_is_not_bytes_is_a_codec_error() -> None:
+    for value in ("GSPL...", None, 12, [1, 2]):
+        with pytest.raises(CodecError, match="a splat record is bytes"):
+            decode_splats(value)
 
 
 def test_header_fields_are_little_endian_at_documented_offsets(record: bytes) -> None:
     magic, version, channels, height, width, count = struct.unpack_from("<4sBBHHI", record)
-    assert (magic, version, channels, height, width, count) == (b"GSPL", 1, 3, 19, 23, 37)
+    assert (magic, version, channels, height, width, count) == (b"GSPL", 2, 3, 19, 23, 37)
 
 
 # --- values a record cannot hold ------------------------------------------------------------------

@@ -16,6 +16,7 @@ import pytest
 import gsclip_lib.stages.fit as fit_stage
 from gsclip_lib.data.image_text_shards import ImageTextShards, list_shards, write_image_text_shards
 from gsclip_lib.data.splat_shards import splat_dataset, verify_splat_shard
+from gsclip_lib.errors import InputError
 from gsclip_lib.stages import fit, prepare
 
 SIZE, SPLATS = 8, 16
@@ -139,15 +140,21 @@ def test_a_killed_fit_leaves_no_partial_shard_and_resumes(tmp_path, small):
     names = sorted(os.listdir(out))
     partial = [name for name in names if name.startswith(".train-000001.tar.") and name.endswith(".partial")]
     assert len(partial) == 1, names  # the half-written shard exists only under its temporary name
-    assert [name for name in names if not name.startswith(".")] == ["train-000000.tar"]
+    assert [name for name in names if not name.startswith(".")] == ["train-000000.tar", "train-000000.tar.stats.json"]
     first = out / "train-000000.tar"
     assert verify_splat_shard(first) == 4
     first_bytes, first_mtime = first.read_bytes(), first.stat().st_mtime_ns
 
     resumed = fit_stage.fit_split(str(tmp_path / "images"), out, SPLATS, settings.replace(log_every=25), 2, data,
                                   progress=False)
-    assert (resumed.shards_skipped, resumed.shards_written, resumed.images) == (1, 2, 8)
-    assert sorted(os.listdir(out)) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    # The statistics describe the whole split, the resumed shard included, as an uninterrupted fit's do.
+    straight = fit_stage.fit_split(str(tmp_path / "images"), tmp_path / "straight", SPLATS, settings, 2, data,
+                                   progress=False)
+    assert (resumed.shards_skipped, resumed.shards_written, resumed.images) == (1, 2, 12)
+    assert (resumed.psnr_count, resumed.record_bytes) == (straight.psnr_count, straight.record_bytes)
+    assert resumed.mean_psnr == pytest.approx(straight.mean_psnr, abs=1e-9)
+    assert sorted(name for name in os.listdir(out) if name.endswith(".tar")) == [
+        "train-000000.tar", "train-000001.tar", "train-000002.tar"]
     assert first.read_bytes() == first_bytes and first.stat().st_mtime_ns == first_mtime
     assert [sample.key for sample in splat_dataset(out)] == [f"img{i:03d}" for i in range(12)]
     assert [verify_splat_shard(path) for path in list_shards(out)] == [4, 4, 4]
@@ -163,7 +170,7 @@ def tiny(defaults, tmp_path):
     )
 
 
-def test_fit_stage_resumes_and_refits_what_changed(fashion_mnist, tiny, defaults, tmp_path):
+def test_fit_stage_resumes_and_refits_what_changed(fashion_mnist, tiny, monkeypatch):
     prepare.run(tiny, progress=False)
     result = fit.run(tiny, progress=False)
     metrics = result.metrics
@@ -174,10 +181,19 @@ def test_fit_stage_resumes_and_refits_what_changed(fashion_mnist, tiny, defaults
     assert metrics["train"]["mean_psnr"] > 12.0
     assert "examples" in result.figures and list(result.summary.index) == ["train", "eval"]
 
-    # Nothing changed: every finished shard is kept, nothing is refitted.
+    # Nothing changed: every finished shard is kept, nothing is refitted, and the metrics still
+    # describe the whole split.
     rerun = fit.fit_level(tiny, progress=False)
     assert rerun["resumed"] == {"train": True, "eval": True}
     assert rerun["train"]["shards_written"] == 0 and rerun["train"]["shards_skipped"] == 3
+    for split in ("train", "eval"):
+        for key in ("images", "mean_psnr", "record_bytes_mean", "dropped_fits", "skipped"):
+            assert rerun[split][key] == metrics[split][key], (split, key)
+
+    # Another version of the fitting code must not reuse shards either.
+    monkeypatch.setattr(fit, "code_fingerprint", lambda module: "other code")
+    assert fit.fit_level(tiny, progress=False)["resumed"] == {"train": False, "eval": False}
+    monkeypatch.undo()
 
     # A changed fit setting must not reuse shards made under the old one.
     changed = tiny.replace(fit=tiny.fit.replace(optimizer=tiny.fit.optimizer.replace(iterations=5)))
@@ -191,3 +207,10 @@ def test_fit_stage_resumes_and_refits_what_changed(fashion_mnist, tiny, defaults
     assert again["resumed"] == {"train": False, "eval": False} and again["train"]["shards_written"] == 3
     keys = {sample.key for sample in splat_dataset(str(changed.splat_dir(22, "train")))}
     assert keys == {sample.key for sample in ImageTextShards(changed.data.train_spec(), channels=1)}
+
+
+def test_a_missing_input_folder_is_an_error_before_anything_is_written(defaults, tmp_path):
+    params = defaults.params("data.train_shards=/nonexistent/shards/", f"fit.out_dir={tmp_path}/splats")
+    with pytest.raises(InputError, match="'/nonexistent/shards/' names 1 file"):
+        fit.run(params, progress=False)
+    assert not (tmp_path / "splats").exists()
