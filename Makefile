@@ -58,8 +58,11 @@ report: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check --select F,E9 gsclip_lib kernels benchmarks tests
 
+# The new fitter against the old one (benchmarks/fitting.json), then the windowed fast path against
+# its dense twin (benchmarks/windowed_vs_dense.json). Single-threaded; about an hour on 2 loaded cores.
 bench: $(STAMP)
-	. $(BIN)/activate && python -m benchmarks.fitting --out benchmarks/results.json
+	. $(BIN)/activate && python -m benchmarks.fitting --out benchmarks/fitting.json
+	. $(BIN)/activate && python -m benchmarks.windowed_vs_dense --out benchmarks/windowed_vs_dense.json
 
 clean-venv:
 	rm -rf $(VENV)

@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 from gsclip_lib.config import ConfigModel, compose, validate_config
 from gsclip_lib.errors import ConfigError
 
-RenderBackend = Literal["auto", "triton", "windowed", "dense"]  # gsclip_lib.splats.render
+RenderBackend = Literal["auto", "triton", "cpu", "windowed", "dense"]  # gsclip_lib.splats.render
 InitMethod = Literal["grid", "gradient", "random"]  # gsclip_lib.splats.initialization
 IMAGENET_SPLIT = "imagenet"  # the split name of the ImageNet-style evaluation folder
 NO_SHARDS = "none"  # data.eval_shards: there is no labelled evaluation split
@@ -44,14 +44,22 @@ def level_name(count: int) -> str:
 
 
 class FitSettings(ConfigModel):
-    """How splats are fitted to images (``fit.optimizer``, ``fit_photos.optimizer``)."""
+    """How splats are fitted to images (``fit.optimizer``, ``fit_photos.optimizer``);
+    :mod:`gsclip_lib.splats.fitting` explains each lever."""
 
     iterations: int = Field(ge=0)  # optimizer steps
     init: InitMethod
     lr_positions: float = PositiveFloat  # Adam step size of the centres, pixels
     lr_cholesky: float = PositiveFloat  # ... of the Cholesky factors, pixels
-    lr_colours: float = PositiveFloat  # ... of the colours
+    lr_colours: float = PositiveFloat  # ... of the colours (unused when they are solved every step)
     colour_l1: float = Field(ge=0)  # lambda of the L1 penalty on colours
+    colour_solve: Literal["none", "sparse", "every_step"]  # least-squares colours: never, at start/re-seeds/end, always
+    ridge: float = PositiveFloat  # relative ridge of the colour solve
+    cg_iterations: int = Field(ge=1)  # conjugate-gradient steps per solve of a large image
+    reseed_every: int = Field(ge=0)  # steps between error-guided re-seedings; 0: none
+    reseed_until: float = Field(ge=0, le=1)  # ... during this share of the steps
+    reseed_fraction: float = Field(gt=0, le=1)  # at most this share of an image's splats moves each time
+    reseed_energy: float = Field(ge=0)  # a splat is dead below this times its image's median energy
     min_scale: float = PositiveFloat  # floor of the Cholesky diagonal, pixels
     cutoff: float = PositiveFloat  # a splat is zero beyond this many standard deviations
     backend: RenderBackend
@@ -100,7 +108,8 @@ class PhotoFitConfig(ConfigModel):
     )
     image_size: int = PositiveInt
     splat_counts: list[int] = Field(min_length=1)
-    prune_finetune_iterations: int = Field(ge=0)  # also prune the largest fit to each count; 0 skips
+    prune_refit_iterations: int = Field(ge=0)  # also prune the largest fit to each count and refit; 0 skips
+    compare_random_init: bool  # also fit the largest count from a random start (the paper's ablation)
     optimizer: FitSettings
 
     @model_validator(mode="after")
@@ -175,10 +184,12 @@ class FitConfig(ConfigModel):
 
 
 class PruneConfig(ConfigModel):
-    """``prune``: the smaller levels, derived from the fitted one."""
+    """``prune``: the smaller levels, each pruned from the next larger one and refitted."""
 
     levels: list[int] = Field(min_length=1)  # splat counts below fit.num_splats
-    finetune_iterations: int = Field(ge=0)  # fine-tune the survivors against the images; 0: none
+    score: Literal["luminance", "energy"]  # which splats survive (gsclip_lib.splats.pruning)
+    refit_iterations: int = Field(ge=0)  # refit steps of the survivors at each level; 0: colours only
+    compare_fit_small: bool  # also fit each level's count directly, same total steps (evaluation split)
 
     @model_validator(mode="after")
     def _distinct_positive_levels(self) -> "PruneConfig":
@@ -296,8 +307,10 @@ class Params(ConfigModel):
         return next(split for split in self.splat_splits() if split != "train")
 
     def splat_dir(self, count: int, split: str) -> Path:
-        """Where one level's splat shards of one split live: ``fit.out_dir/N<count>/<split>``."""
-        return Path(self.fit.out_dir) / level_name(count) / split
+        """Where one level's splat shards of one split live: ``fit.out_dir/fitted/N<count>/<split>``
+        for the fitted level, ``fit.out_dir/pruned/N<count>/<split>`` for the pruned ones."""
+        origin = "fitted" if count == self.fit.num_splats else "pruned"
+        return Path(self.fit.out_dir) / origin / level_name(count) / split
 
     def stage_dir(self, stage: str, level: int | None = None) -> Path:
         """The folder a stage writes its metrics and figures to: ``paths.reports/<stage>[/N<level>]``."""

@@ -8,8 +8,10 @@ This is the readable definition of the render and the oracle every faster path i
 where ``p`` runs over pixel centres ``(j + 0.5, i + 0.5)``. No sorting, no alpha blending.
 ``d`` is the Mahalanobis distance in standard deviations; ``cutoff = inf`` gives the exact sum.
 
-It materializes a ``[B, N, H, W]`` tensor, so it is only for tests, small images and the benchmark's
-baseline. Its signature is shared by the Triton kernel and the windowed CPU path.
+It materializes a ``[B, N, H, W]`` tensor (:func:`splat_weights_dense`, also the matrix of the
+colour least-squares solve of small images), so it is only for tests, small images and the
+benchmark's baseline. Its signature is shared by the Triton kernels, the C++ CPU kernel and the
+windowed CPU path.
 """
 
 from __future__ import annotations
@@ -40,6 +42,30 @@ def mahalanobis_sq(dx: Tensor, dy: Tensor, cholesky: Tensor) -> Tensor:
     return z1 * z1 + z2 * z2
 
 
+def splat_weights_dense(
+    positions: Tensor,  # [B, N, 2] (x, y) in pixels
+    cholesky: Tensor,  # [B, N, 3] (l11, l21, l22) in pixels
+    valid: Tensor,  # [B, N] bool
+    height: int,
+    width: int,
+    cutoff: float = math.inf,
+) -> Tensor:  # [B, N, H, W]: w_i(p), zero for invalid splats and beyond the cutoff
+    """Every splat's weight at every pixel centre: the matrix ``W`` of ``render = W @ colours``."""
+    # Invalid slots may hold anything (a zero factor, NaN): swap in a harmless unit splat so that
+    # they cannot poison the sum through 0 * NaN, then mask their weights out.
+    unit = torch.tensor([1.0, 0.0, 1.0], dtype=cholesky.dtype, device=cholesky.device)
+    cholesky = torch.where(valid[..., None], cholesky, unit)
+    positions = torch.where(valid[..., None], positions, torch.zeros_like(positions))
+    grid_x, grid_y = pixel_centres(height, width, positions)
+    dx = grid_x[None, None] - positions[..., 0, None, None]  # [B, N, H, W]
+    dy = grid_y[None, None] - positions[..., 1, None, None]
+    d_sq = mahalanobis_sq(dx, dy, cholesky[:, :, None, None, :])
+    weights = torch.exp(-0.5 * d_sq)
+    if math.isfinite(cutoff):
+        weights = torch.where(d_sq <= cutoff * cutoff, weights, torch.zeros_like(weights))
+    return torch.where(valid[:, :, None, None], weights, torch.zeros_like(weights))
+
+
 def rasterize_dense_torch(
     positions: Tensor,  # [B, N, 2] (x, y) in pixels
     cholesky: Tensor,  # [B, N, 3] (l11, l21, l22) in pixels
@@ -49,18 +75,6 @@ def rasterize_dense_torch(
     width: int,
     cutoff: float = math.inf,  # Mahalanobis radius beyond which a splat contributes nothing
 ) -> Tensor:  # [B, C, H, W]
-    # Invalid slots may hold anything (a zero factor, NaN): swap in a harmless unit splat so that
-    # they cannot poison the sum through 0 * NaN, then mask their weights out.
-    unit = torch.tensor([1.0, 0.0, 1.0], dtype=cholesky.dtype, device=cholesky.device)
-    cholesky = torch.where(valid[..., None], cholesky, unit)
-    positions = torch.where(valid[..., None], positions, torch.zeros_like(positions))
+    weights = splat_weights_dense(positions, cholesky, valid, height, width, cutoff)
     colours = torch.where(valid[..., None], colours, torch.zeros_like(colours))
-    grid_x, grid_y = pixel_centres(height, width, positions)
-    dx = grid_x[None, None] - positions[..., 0, None, None]  # [B, N, H, W]
-    dy = grid_y[None, None] - positions[..., 1, None, None]
-    d_sq = mahalanobis_sq(dx, dy, cholesky[:, :, None, None, :])
-    weights = torch.exp(-0.5 * d_sq)
-    if math.isfinite(cutoff):
-        weights = torch.where(d_sq <= cutoff * cutoff, weights, torch.zeros_like(weights))
-    weights = torch.where(valid[:, :, None, None], weights, torch.zeros_like(weights))
     return torch.einsum("bnhw,bnc->bchw", weights, colours)

@@ -31,7 +31,7 @@ def test_fit_photos_notebook_shows_its_figures_and_writes_sane_metrics(tmp_path)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["paths"]["reports"] = str(tmp_path / "reports")
     params["fit_photos"].update(
-        photos=["astronaut", "coffee"], image_size=32, splat_counts=[64, 16], prune_finetune_iterations=3
+        photos=["astronaut", "coffee"], image_size=32, splat_counts=[64, 16], prune_refit_iterations=3
     )
     params["fit_photos"]["optimizer"].update(iterations=6, log_every=2)
     params_path = tmp_path / "params.yaml"
@@ -52,14 +52,16 @@ def test_fit_photos_notebook_shows_its_figures_and_writes_sane_metrics(tmp_path)
         assert level["record_bytes"] == level["payload_bytes"] + 18
         assert 8.0 < level["psnr"] < 60.0
         assert abs(level["psnr_after_codec"] - level["psnr"]) < 0.5
-    assert metrics["levels"]["N16"]["psnr_pruned_from_largest"] is not None
-    assert metrics["levels"]["N64"]["psnr_pruned_from_largest"] is None
-    for figure in ("gallery", "psnr_vs_size", "psnr_history"):
+    assert metrics["levels"]["N16"]["psnr_pruned_from_larger"] is not None
+    assert metrics["levels"]["N64"]["psnr_pruned_from_larger"] is None
+    assert metrics["levels"]["N64"]["psnr_random_init"] is not None
+    assert metrics["levels"]["N16"]["steps"] == 6 + 3  # the direct fit gets the pruned route's steps
+    for figure in ("gallery", "psnr_vs_size", "psnr_history", "findings"):
         assert (out / "figures" / f"{figure}.png").stat().st_size > 1000
 
     outputs = _outputs(executed)
     assert not [o for o in outputs if o.get("output_type") == "error"]
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 3  # each figure once, inline
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 4  # each figure once, inline
     stream = sum(len("".join(o.get("text", ""))) for o in outputs if o.get("output_type") == "stream")
     assert stream < 2000, "progress bars must update one line, not write a redraw per step"
     bars = [text for o in outputs if "100%|" in (text := "".join(o.get("data", {}).get("text/plain", "")))]

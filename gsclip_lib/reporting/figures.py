@@ -15,6 +15,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from gsclip_lib.reporting import paper
+
 
 
 def new_figure(rows: int = 1, columns: int = 1, *, figsize: tuple[float, float], squeeze: bool = True):
@@ -33,11 +35,6 @@ def plot_psnr_against_size(table: pd.DataFrame) -> Figure:
     import seaborn as sns  # imported here: it adds a second to every stage's start-up
     figure, (by_count, by_bytes) = new_figure(1, 2, figsize=(11, 4))
     sns.lineplot(data=table, x="splats", y="psnr", marker="o", ax=by_count, label="splats", errorbar="sd")
-    if "psnr_pruned_from_largest" in table and table["psnr_pruned_from_largest"].notna().any():
-        sns.lineplot(
-            data=table, x="splats", y="psnr_pruned_from_largest", marker="s", ax=by_count,
-            label="pruned from largest + fine-tune", errorbar="sd",
-        )
     by_count.set_xscale("log")
     by_count.set_xlabel("splats per image")
     by_count.set_ylabel("PSNR (dB)")
@@ -58,12 +55,48 @@ def plot_psnr_against_size(table: pd.DataFrame) -> Figure:
 
 
 def plot_psnr_history(history: pd.DataFrame, hue: str = "splats") -> Figure:
-    """Mean PSNR during fitting, one line per ``hue`` value."""
+    """Mean PSNR during fitting against steps and against seconds, one line per ``hue`` value."""
     import seaborn as sns  # imported here: it adds a second to every stage's start-up
-    figure, axis = new_figure(figsize=(6, 4))
-    sns.lineplot(data=history, x="iteration", y="psnr", hue=hue, palette="viridis", ax=axis)
-    axis.set_ylabel("mean PSNR (dB)")
-    axis.set_title("Fitting progress")
+    figure, (by_step, by_time) = new_figure(1, 2, figsize=(11, 4))
+    for axis, x, label in ((by_step, "iteration", "step"), (by_time, "seconds", "seconds (wall)")):
+        if x in history:
+            sns.lineplot(data=history, x=x, y="psnr", hue=hue, palette="viridis", ax=axis)
+        axis.set_xlabel(label)
+        axis.set_ylabel("mean PSNR (dB)")
+    by_step.set_title("Fitting progress against steps")
+    by_time.set_title("... and against time")
+    figure.tight_layout()
+    return figure
+
+
+def plot_photo_findings(table: pd.DataFrame) -> Figure:
+    """Two of the paper's findings on the photos: (a) grid against random init at the largest count,
+    (b) pruning a larger fit against fitting the count directly, at equal steps."""
+    figure, (init_axis, prune_axis) = new_figure(1, 2, figsize=(11, 4))
+    largest = table["splats"].max()
+    first = table[table["splats"] == largest]
+    if first["psnr_random_init"].notna().any():
+        means = [first["psnr"].mean(), first["psnr_random_init"].mean()]
+        init_axis.bar(["grid (structured)", "random"], means, color=["steelblue", "lightgrey"])
+        for index, value in enumerate(means):
+            init_axis.annotate(f"{value:.1f} dB", (index, value), ha="center", va="bottom", fontsize=9)
+        reference = paper.GRID_VS_RANDOM
+        init_axis.set_title(f"(a) init at {largest} splats: ours {means[0] - means[1]:+.1f} dB (paper "
+                            f"{reference['grid_db'] - reference['random_db']:+.1f} at {reference['splats']})")
+    init_axis.set_ylabel("PSNR (dB)")
+    grouped = table.groupby("splats")[["psnr", "psnr_pruned_from_larger"]].mean().sort_index()
+    prune_axis.plot(grouped.index, grouped["psnr"], marker="o", label="fitted directly")
+    if grouped["psnr_pruned_from_larger"].notna().any():
+        cascade = grouped["psnr_pruned_from_larger"].copy()
+        cascade.iloc[-1] = grouped["psnr"].iloc[-1]  # the cascade starts from the largest direct fit
+        prune_axis.plot(cascade.index, cascade, marker="s", label="pruned from the next larger, refitted")
+    prune_axis.set_xscale("log")
+    prune_axis.minorticks_off()
+    prune_axis.set_xticks(list(grouped.index), labels=[str(count) for count in grouped.index])
+    prune_axis.set_xlabel("splats per image")
+    prune_axis.set_ylabel("PSNR (dB)")
+    prune_axis.set_title("(b) at equal steps: the paper finds pruning wins")
+    prune_axis.legend(fontsize=8)
     figure.tight_layout()
     return figure
 
@@ -155,5 +188,31 @@ def plot_stage_times(stage_seconds: dict[str, float], throughput: dict[str, floa
         sns.barplot(x=[throughput[name] for name in labels], y=labels, ax=axes[0, 1], color="seagreen")
         axes[0, 1].set_xlabel("images per second")
         axes[0, 1].set_title("Fitting throughput")
+    figure.tight_layout()
+    return figure
+
+
+def plot_pruning(metrics: dict, fitted_count: int, split: str) -> Figure:
+    """The prune stage's cascade on one split: PSNR at every level after pruning alone and after the
+    refit, and, where measured, the same count fitted directly with as many steps."""
+    levels = metrics["levels"]
+    names = list(levels)
+    counts = [levels[name][split]["splats"] for name in names]
+    before = [levels[name][split]["mean_psnr_before"] for name in names]
+    after = [levels[name][split]["mean_psnr"] for name in names]
+    figure, axis = new_figure(figsize=(6.5, 4))
+    pruned = [levels[name][split]["mean_psnr_pruned"] for name in names]
+    axis.plot([fitted_count, *counts], [before[0], *after], marker="o", label="pruned from the level above, refitted")
+    axis.plot(counts, pruned, marker="v", linestyle=":", color="grey", label="pruned only (no refit)")
+    if "fit_small" in metrics:
+        direct = [metrics["fit_small"][name]["fit_small"] for name in names]
+        axis.plot(counts, direct, marker="s", linestyle="--", label="fitted directly, same total steps")
+    axis.set_xscale("log")
+    axis.minorticks_off()
+    axis.set_xticks([fitted_count, *counts], labels=[str(c) for c in [fitted_count, *counts]])
+    axis.set_xlabel("splats per image")
+    axis.set_ylabel(f"mean PSNR on {split} (dB)")
+    axis.set_title("Pruning: each level from the one above")
+    axis.legend(fontsize=8)
     figure.tight_layout()
     return figure

@@ -11,8 +11,8 @@ import pandas as pd
 from gsclip_lib.errors import InputError
 from gsclip_lib.params import Params, level_name
 
-# The stages with one metrics file each; prune and align have one per level.
-STAGES = ("fit_photos", "prepare", "fit", "pretrain", "evaluate")
+# The stages with one metrics file each; align has one per level.
+STAGES = ("fit_photos", "prepare", "fit", "prune", "pretrain", "evaluate")
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -22,10 +22,8 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def collect_reports(params: Params) -> dict[str, Any]:
-    """Every stage's metrics, keyed by stage (``prune/N11``, ``align/N22``, ...)."""
+    """Every stage's metrics, keyed by stage (``prune``, ``align/N22``, ...)."""
     collected = {stage: _read(params.stage_dir(stage) / "metrics.json") for stage in STAGES}
-    for level in params.prune.levels:
-        collected[f"prune/{level_name(level)}"] = _read(params.stage_dir("prune", level) / "metrics.json")
     for level in params.levels():
         collected[f"align/{level_name(level)}"] = _read(params.stage_dir("align", level) / "metrics.json")
     return collected

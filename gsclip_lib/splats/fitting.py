@@ -5,27 +5,47 @@ norm over the image's valid splats (the paper's lambda is about 1e-6). Summing r
 over images keeps each image's gradient independent of the batch size; Adam is per-element, so
 every image follows the same trajectory it would follow alone, and one launch serves the batch.
 
+Three things make the fit converge in far fewer steps than Adam alone (measured in
+``benchmarks/fitting.py``):
+
+- **Least-squares colours** (:mod:`gsclip_lib.splats.least_squares`): the render is linear in the
+  colours, so for the current geometry the best colours are a solve away. ``colour_solve`` says
+  when: ``none`` (Adam on everything), ``sparse`` (solved at the start, after every re-seeding and at
+  the end; Adam moves the colours in between) or ``every_step`` (solved before every step; Adam moves
+  only the geometry).
+- **Error-guided re-seeding** (:func:`reseed_dead_splats`): every ``reseed_every`` steps during the
+  first ``reseed_until`` of the fit, splats that carry almost no energy move to the pixels where the
+  error is largest.
+- **The C++ rasterizer** on the CPU (``backend`` ``auto`` or ``cpu``), about 10x faster per step than
+  the compiled PyTorch path.
+
 After each step the Cholesky diagonal is kept at or above ``min_scale`` pixels: a splat narrower
 than a fraction of a pixel falls between pixel centres, and its gradient vanishes.
 
-An image whose loss turns NaN or inf is reported, put back to its initial splats with fresh
-optimizer state and refitted; after ``max_retries`` such restarts it is dropped (all its splats
-invalid, PSNR NaN) and listed in ``FitResult.dropped``. It is never silently kept.
+An image whose loss, or whose splats, turn NaN or inf is reported, put back to its initial splats
+with fresh optimizer state and refitted; after ``max_retries`` such restarts it is dropped (all its
+splats invalid, PSNR NaN) and listed in ``FitResult.dropped``. It is never silently kept.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
 from gsclip_lib.params import FitSettings
 from gsclip_lib.progress import progress_bar, report
 from gsclip_lib.splats.container import Splats, check_images, check_same_batch, check_splat_count
 from gsclip_lib.splats.initialization import initialize_splats
+from gsclip_lib.splats.least_squares import solve_colours
 from gsclip_lib.splats.quality import psnr
 from gsclip_lib.splats.render import render_splats
+
+RESEED_SUPPRESSION = 2  # pixels around a chosen error peak that no other re-seeded splat may take
 
 
 @dataclass
@@ -36,7 +56,9 @@ class FitResult:
     iterations: int
     retried: list[int] = field(default_factory=list)  # images restarted after a non-finite loss
     dropped: list[int] = field(default_factory=list)  # images given up on
-    history: dict[str, list[float]] = field(default_factory=dict)  # iteration, loss, psnr (means)
+    reseeded: int = 0  # splats moved by re-seeding, over the whole fit
+    # iteration, seconds (wall), cpu_seconds (this process's CPU time), loss, psnr (means over images)
+    history: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def kept(self) -> Tensor:  # [B] bool
@@ -55,6 +77,55 @@ def fit_loss_per_image(
     mse = (rendered - images).square().flatten(1).mean(1)
     l1 = (colours.abs() * valid[..., None]).flatten(1).sum(1)
     return mse + colour_l1 * l1
+
+
+def reseed_dead_splats(
+    splats: Splats,  # modified in place: positions, cholesky and colours of the moved splats
+    residual: Tensor,  # [B, C, H, W] render - image
+    fraction: float,  # at most this share of an image's splats moves
+    energy_floor: float,  # a splat is dead when its energy is below this times the image's median
+) -> Tensor:  # [B, N] bool: the splats that moved
+    """Move splats that carry almost no energy to the pixels where the error is largest.
+
+    The energy of a splat is ``|colour| l11 l22`` (its colour times its area, up to 2 pi). Per image,
+    at most ``fraction * N`` splats below ``energy_floor`` times the image's median move, the weakest
+    first, one each to the largest peaks of the 3x3-smoothed squared residual (picked greedily, each
+    pick masking the 5x5 pixels around it), with a one-pixel isotropic footprint and colour zero: the
+    next colour solve, or Adam, gives them their colour.
+    """
+    positions, cholesky, colours, valid = splats.positions, splats.cholesky, splats.colours, splats.valid
+    batch, num, _ = positions.shape
+    height, width = residual.shape[-2:]
+    budget = max(1, int(fraction * num))
+    energy = colours.abs().sum(-1) * (cholesky[..., 0] * cholesky[..., 2]).abs()
+    energy = torch.where(valid, energy, torch.full_like(energy, math.inf))
+    median = energy.masked_fill(~valid, math.nan).nanmedian(dim=1).values  # [B]
+    dead = energy < energy_floor * median[:, None]
+    weakest = energy.masked_fill(~dead, math.inf).argsort(dim=1, stable=True)[:, :budget]  # [B, budget]
+    moving = torch.gather(dead, 1, weakest)  # [B, budget]: which of the weakest are really dead
+    squared = residual.square().sum(1, keepdim=True)  # [B, 1, H, W]
+    # Smoothed, so that a peak is a patch of error rather than one noisy pixel; a pixel's own error
+    # breaks the ties a lone error spike leaves between its neighbours.
+    error = F.avg_pool2d(squared, 3, 1, 1, count_include_pad=False) + 1e-6 * squared
+    rows_index = torch.arange(height, device=residual.device)[None, :, None]
+    cols_index = torch.arange(width, device=residual.device)[None, None, :]
+    peaks = []
+    for _ in range(budget):
+        peak = error.flatten(1).argmax(1)  # [B]
+        peaks.append(peak)
+        near = ((rows_index - (peak // width)[:, None, None]).abs() <= RESEED_SUPPRESSION) & (
+            (cols_index - (peak % width)[:, None, None]).abs() <= RESEED_SUPPRESSION)
+        error = error.masked_fill(near[:, None], -1.0)
+    peaks = torch.stack(peaks, 1)  # [B, budget]
+    targets = torch.stack([(peaks % width).to(positions.dtype) + 0.5, (peaks // width).to(positions.dtype) + 0.5], -1)
+    image_index = torch.arange(batch, device=positions.device)[:, None].expand_as(weakest)[moving]
+    slot_index = weakest[moving]
+    positions[image_index, slot_index] = targets[moving]
+    cholesky[image_index, slot_index] = torch.tensor([1.0, 0.0, 1.0], dtype=cholesky.dtype, device=cholesky.device)
+    colours[image_index, slot_index] = 0.0
+    moved = torch.zeros_like(valid)
+    moved[image_index, slot_index] = True
+    return moved
 
 
 def fit_splats(
@@ -77,28 +148,34 @@ def fit_splats(
         check_same_batch(initial, images)
     initial = initial.detach().to(images.dtype)
     valid = initial.valid
-    params = [t.clone().requires_grad_(True) for t in (initial.positions, initial.cholesky, initial.colours)]
-    positions, cholesky, colours = params
-    optimizer = torch.optim.Adam(
-        [
-            {"params": [positions], "lr": settings.lr_positions},
-            {"params": [cholesky], "lr": settings.lr_cholesky},
-            {"params": [colours], "lr": settings.lr_colours},
-        ]
-    )
+    solve_every_step = settings.colour_solve == "every_step"
+    positions, cholesky = (t.clone().requires_grad_(True) for t in (initial.positions, initial.cholesky))
+    colours = initial.colours.clone().requires_grad_(not solve_every_step)
+    params = [positions, cholesky, colours]
+    groups = [{"params": [positions], "lr": settings.lr_positions}, {"params": [cholesky], "lr": settings.lr_cholesky}]
+    if not solve_every_step:  # colours solved at every step take no Adam step
+        groups.append({"params": [colours], "lr": settings.lr_colours})
+    optimizer = torch.optim.Adam(groups)
     batch = images.shape[0]
     alive = torch.ones(batch, dtype=torch.bool, device=images.device)
     restarts = torch.zeros(batch, dtype=torch.int64)
     retried: list[int] = []
     dropped: list[int] = []
-    history: dict[str, list[float]] = {"iteration": [], "loss": [], "psnr": []}
+    reseeded = 0
+    history: dict[str, list[float]] = {"iteration": [], "seconds": [], "cpu_seconds": [], "loss": [], "psnr": []}
+    reseed_until = int(settings.reseed_until * settings.iterations)
+
+    def current() -> Splats:
+        return Splats(positions, cholesky, colours, valid & alive[:, None])
 
     def render() -> Tensor:
-        current = Splats(positions, cholesky, colours, valid & alive[:, None])
-        return render_splats(current, height, width, backend=settings.backend, cutoff=settings.cutoff)
+        return render_splats(current(), height, width, backend=settings.backend, cutoff=settings.cutoff)
 
-    start = time.perf_counter()
-    bar = progress_bar(range(settings.iterations), desc=description, disable=not progress)
+    def solve() -> None:
+        with torch.no_grad():
+            colours.copy_(solve_colours(current().detach(), images, ridge=settings.ridge, cutoff=settings.cutoff,
+                                        backend=settings.backend, cg_iterations=settings.cg_iterations))
+
     def restart_or_drop(bad: Tensor, what: str) -> None:  # bad: [B] bool
         """Put the ``bad`` images back to their start, or drop those restarted too often."""
         _restart_images(bad.nonzero().flatten(), params, initial, optimizer)
@@ -112,6 +189,8 @@ def fit_splats(
                 retried.append(image)
                 report(f"{description}: image {image} restarted, {what}")
 
+    start, cpu_start = time.perf_counter(), time.process_time()
+    bar = progress_bar(range(settings.iterations), desc=description, disable=not progress)
     for iteration in bar:
         # Splats that left the finite numbers are handled before the render, which refuses them
         # rather than drop them silently; a start that is itself broken is dropped at once.
@@ -123,6 +202,8 @@ def fit_splats(
                 alive[image] = False
                 dropped.append(image)
                 report(f"{description}: image {image} dropped, its starting splats are non-finite")
+        if solve_every_step or (iteration == 0 and settings.colour_solve == "sparse"):
+            solve()
         rendered = render()
         losses = fit_loss_per_image(rendered, images, colours, valid, settings.colour_l1)
         bad = alive & ~torch.isfinite(losses)
@@ -139,13 +220,25 @@ def fit_splats(
         with torch.no_grad():
             torch.clamp_(cholesky[..., 0], min=settings.min_scale)
             torch.clamp_(cholesky[..., 2], min=settings.min_scale)
+            if settings.reseed_every and 0 < iteration < reseed_until and iteration % settings.reseed_every == 0:
+                moved = reseed_dead_splats(Splats(positions, cholesky, colours, valid & alive[:, None]),
+                                           rendered.detach() - images, settings.reseed_fraction,
+                                           settings.reseed_energy)
+                reseeded += int(moved.sum())
+                _clear_moments(optimizer, params, moved)
+                if settings.colour_solve == "sparse":
+                    solve()
         if iteration % settings.log_every == 0 or iteration == settings.iterations - 1:
             with torch.no_grad():
                 quality = psnr(images[healthy], rendered[healthy].detach())
             history["iteration"].append(iteration)
+            history["seconds"].append(time.perf_counter() - start)
+            history["cpu_seconds"].append(time.process_time() - cpu_start)
             history["loss"].append(float(losses.detach()[healthy].mean()) if bool(healthy.any()) else float("nan"))
             history["psnr"].append(float(quality.mean()) if quality.numel() else float("nan"))
             bar.set_postfix(psnr=f"{history['psnr'][-1]:.2f}")
+    if settings.colour_solve != "none":
+        solve()  # the best colours of the last geometry (with 0 steps: of the start)
     seconds = time.perf_counter() - start
 
     with torch.no_grad():
@@ -159,6 +252,7 @@ def fit_splats(
         iterations=settings.iterations,
         retried=sorted(set(retried)),
         dropped=sorted(dropped),
+        reseeded=reseeded,
         history=history,
     )
 
@@ -168,6 +262,15 @@ def _finite_splats(positions: Tensor, cholesky: Tensor, colours: Tensor, valid: 
     with torch.no_grad():
         finite = torch.cat([positions, cholesky, colours], -1).isfinite().all(-1) | ~valid
     return finite.all(-1)
+
+
+def _clear_moments(optimizer: torch.optim.Optimizer, params: list[Tensor], moved: Tensor) -> None:
+    """Forget Adam's moments of the splats in ``moved`` [B, N]: they start afresh where they landed."""
+    for param in params:
+        state = optimizer.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key][moved] = 0
 
 
 def _restart_images(

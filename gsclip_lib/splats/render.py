@@ -1,15 +1,17 @@
 """Render splats to images through the fastest rasterizer the tensors' device allows (METHOD.md 1).
 
-Three implementations compute the same accumulated sum (kernels/):
+Four implementations compute the same accumulated sum (kernels/):
 
 - ``triton``: the batched Triton kernels, for CUDA tensors;
+- ``cpu``: the fused C++ kernel (AVX2, OpenMP), compiled with g++ on first use;
 - ``windowed``: the PyTorch path that evaluates each splat only inside its cutoff window (falls back
   to a dense evaluation with hand-written backward when windows would be as large as the image);
 - ``dense``: the pure-PyTorch twin that builds ``[B, N, H, W]``, the readable reference.
 
-``auto`` takes ``triton`` for CUDA tensors and ``windowed`` otherwise. All three take the same cutoff:
-a splat's weight is zero beyond ``cutoff`` standard deviations (Mahalanobis radius). The project
-default is 3.5, where the weight has fallen to 2.2e-3; ``math.inf`` gives the exact, untruncated sum.
+``auto`` takes ``triton`` for CUDA tensors, else ``cpu``, or ``windowed`` on a machine that cannot
+build the C++ kernel. All take the same cutoff: a splat's weight is zero beyond ``cutoff`` standard
+deviations (Mahalanobis radius). The project default is 3.5, where the weight has fallen to 2.2e-3;
+``math.inf`` gives the exact, untruncated sum.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import typing
 import torch
 from torch import Tensor
 
-from gsclip_lib.params import RenderBackend
 from gsclip_lib.errors import InputError
+from gsclip_lib.params import RenderBackend
 from gsclip_lib.splats.container import Splats, check_renderable
+from kernels.rasterize_cpu import cpu_kernel_available, rasterize_cpu
 from kernels.rasterize_torch import rasterize_dense_torch
 from kernels.rasterize_windowed import rasterize_windowed_torch
 
@@ -36,7 +39,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise InputError(f"unknown render backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "windowed"
+        if device.type == "cuda":
+            return "triton"
+        return "cpu" if cpu_kernel_available() else "windowed"
     return backend
 
 
@@ -66,8 +71,8 @@ def render_splats(
     chosen = resolve_backend(backend, splats.device)
     if chosen == "triton" and splats.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise InputError(
-            f"the triton backend needs CUDA tensors, these are on {splats.device}; use backend 'auto' or "
-            "'windowed' on the CPU (or set TRITON_INTERPRET=1 before importing it, to run Triton's interpreter)"
+            f"the triton backend needs CUDA tensors, these are on {splats.device}; use backend 'auto', "
+            "'cpu' or 'windowed' on the CPU (or set TRITON_INTERPRET=1 before importing it, to run Triton's interpreter)"
         )
     args = (splats.positions, splats.cholesky, splats.colours, splats.valid, height, width, cutoff)
     if chosen == "triton":
@@ -76,6 +81,12 @@ def render_splats(
         from kernels.rasterize_triton import rasterize_triton
 
         return rasterize_triton(*args)
+    if chosen == "cpu":
+        if splats.device.type != "cpu":
+            raise InputError(f"the cpu backend needs CPU tensors, these are on {splats.device}")
+        if not cpu_kernel_available():
+            raise InputError("the cpu backend needs a C++ compiler (g++) to build its kernel; use 'windowed'")
+        return rasterize_cpu(*args)
     if chosen == "windowed":
         return rasterize_windowed_torch(*args)
     return rasterize_dense_torch(*args)

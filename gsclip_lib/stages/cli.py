@@ -5,7 +5,7 @@ stages run through this entry point instead, with exactly the same library calls
 
     torchrun --nproc_per_node=8 -m gsclip_lib.stages.cli fit --profile profiles/paper.yaml
     torchrun --nproc_per_node=8 -m gsclip_lib.stages.cli align --level 3136 --profile profiles/paper.yaml
-    python -m gsclip_lib.stages.cli prune --level 11 --set prune.finetune_iterations=20
+    python -m gsclip_lib.stages.cli prune --set prune.refit_iterations=20
 
 Each process reads its rank from torchrun's environment (gloo on the CPU, NCCL on GPUs); fitting
 splits the shards across ranks, training wraps the model in DDP. Rank 0 writes the stage's metrics,
@@ -26,7 +26,7 @@ from gsclip_lib.errors import GsclipError
 from gsclip_lib.stages.runner import StageRun
 
 STAGES = ("fit_photos", "prepare", "fit", "prune", "pretrain", "align", "evaluate", "report")
-LEVEL_STAGES = ("prune", "align")
+LEVEL_STAGES = ("align",)
 
 
 def run_stage(stage: str, params: str, *, level: int | None = None, profile: str | None = None,
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default=None, help="a profile laid over it, e.g. profiles/paper.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="GROUP.KEY=VALUE",
                         help="override one value (YAML syntax); may be repeated")
-    parser.add_argument("--level", type=int, default=None, help="splat count, for prune and align")
+    parser.add_argument("--level", type=int, default=None, help="splat count, for align")
     args = parser.parse_args(argv)
     distributed.init_distributed()
     try:

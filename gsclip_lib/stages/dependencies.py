@@ -4,7 +4,7 @@ DVC reruns a stage when one of its declared dependencies changes, so a stage mus
 module it executes, and no other (or an unrelated change reruns it). This module reads a
 notebook's code cells and every project module they reach through ``import`` statements anywhere
 in the code (lazy imports inside functions too), follows them to the bottom, and adds the data files
-a module reads beside itself (the model configs). ``tests/stages/test_dependencies.py`` checks
+a module reads or compiles beside itself (the model configs, the C++ kernel's source). ``tests/stages/test_dependencies.py`` checks
 ``dvc.yaml`` against it; after changing imports, update ``dvc.yaml`` with
 
     python -m gsclip_lib.stages.dependencies --write
@@ -22,8 +22,11 @@ import sys
 from pathlib import Path
 
 PACKAGES = ("gsclip_lib", "kernels")  # the project's own code; everything else is a library
-# Files a module reads at run time, beside its own code.
-DATA_FILES = {"gsclip_lib/models/rgb_clip.py": ["gsclip_lib/models/model_configs"]}
+# Files a module reads or compiles at run time, beside its own code.
+DATA_FILES = {
+    "gsclip_lib/models/rgb_clip.py": ["gsclip_lib/models/model_configs"],
+    "kernels/rasterize_cpu.py": ["kernels/csrc"],
+}
 
 
 def _module_file(root: Path, name: str) -> Path | None:

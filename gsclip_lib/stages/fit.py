@@ -2,7 +2,7 @@
 
 For each split of :meth:`gsclip_lib.params.Params.splat_splits` (train, eval, and the ImageNet-style
 folder when set), every input image shard becomes one splat shard of the same name
-(:mod:`gsclip_lib.data.splat_shards`) in ``fit.out_dir/N<num_splats>/<split>/``. Images are read as
+(:mod:`gsclip_lib.data.splat_shards`) in ``fit.out_dir/fitted/N<num_splats>/<split>/``. Images are read as
 ``data`` says (size, channels, resize mode; bad samples skipped and counted) and fitted
 ``fit.batch_size`` at a time with :func:`gsclip_lib.splats.fitting.fit_splats`.
 
@@ -67,8 +67,10 @@ class SplatShardStats:
     record_bytes: int = 0  # stored bytes of all records written
     psnr_sum: float = 0.0
     psnr_count: int = 0
-    psnr_before_sum: float = 0.0  # pruning: the same images' PSNR at the fitted level
+    psnr_before_sum: float = 0.0  # pruning: the same images' PSNR at the level above
     psnr_before_count: int = 0
+    psnr_pruned_sum: float = 0.0  # pruning: their PSNR after pruning, before the refit
+    psnr_pruned_count: int = 0
 
     @property
     def mean_psnr(self) -> float:
@@ -76,7 +78,7 @@ class SplatShardStats:
 
     # The fields that describe the samples themselves: what a finished shard's stats file keeps.
     SAMPLE_FIELDS = ("images", "dropped_fits", "no_source_image", "fit_seconds", "record_bytes", "psnr_sum",
-                     "psnr_count", "psnr_before_sum", "psnr_before_count")
+                     "psnr_count", "psnr_before_sum", "psnr_before_count", "psnr_pruned_sum", "psnr_pruned_count")
 
     def shard_record(self) -> dict[str, Any]:
         """What one shard's stats file holds."""
@@ -148,8 +150,8 @@ def splits_summary(metrics: dict, splits: Iterable[str]):
     """A fit or prune stage's metrics as one row per split, for the notebook."""
     import pandas as pd
 
-    columns = ["splats", "images", "mean_psnr", "mean_psnr_fitted", "psnr_cost", "ratio_payload",
-               "images_per_second", "dropped_fits", "shards_written", "shards_skipped"]
+    columns = ["splats", "images", "mean_psnr_before", "mean_psnr_pruned", "mean_psnr", "psnr_cost",
+               "ratio_payload", "images_per_second", "dropped_fits", "shards_written", "shards_skipped"]
     return pd.DataFrame({split: {key: metrics[split].get(key) for key in columns if key in metrics[split]}
                          for split in splits}).T
 
@@ -313,11 +315,13 @@ def fit_level(params: Params, *, progress: bool = True) -> dict:
     splits = params.splat_splits()
     for spec in splits.values():
         expand_shard_spec(spec)  # a spec that names no shard is an error before anything is written
-    level_root = Path(params.fit.out_dir) / level_name(count)
-    if distributed.is_main() and level_root.is_dir():
-        for entry in level_root.iterdir():
-            if entry.name not in splits:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    fitted_root = Path(params.fit.out_dir) / "fitted"
+    if distributed.is_main() and fitted_root.is_dir():  # other counts, and splits no longer fitted, go
+        wanted = {params.splat_dir(count, split) for split in splits}
+        for level_folder in fitted_root.iterdir():
+            for entry in (level_folder.iterdir() if level_folder.name == level_name(count) else [level_folder]):
+                if entry not in wanted:
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     metrics: dict = {"resumed": {}}
     device = distributed.default_device()
     for split, spec in splits.items():

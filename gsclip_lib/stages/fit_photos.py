@@ -1,26 +1,31 @@
-"""The photo stage: fit real photographs at the paper's splat counts and compare with JPEG.
+"""Stage ``fit_photos``: real photographs at the paper's splat counts, beside JPEG (METHOD.md section 1).
 
-METHOD.md section 1: the paper fits 224x224 RGB images with N in {3136, 1600, 900, 400} splats (3.00x to 23.52x
-compression). This stage fits scikit-image's bundled photographs at those counts in one batch per
+The paper fits 224x224 RGB images with N in {3136, 1600, 900, 400} splats (3.00x to 23.52x
+compression). This stage fits scikit-image's bundled photographs at those counts, one batch per
 count, and reports for each count:
 
-- PSNR of the fitted render, and PSNR after a save/load through the fp16 codec (what a receiver
-  would see);
-- the bytes two ways (the paper's payload N*(5+C)*2, and the whole record with its header) and the
-  compression ratios against the H*W*C uint8 source;
+- PSNR of the fit, and PSNR after a save/load through the fp16 codec (what a receiver decodes);
+- the bytes two ways (the paper's payload ``N (5 + C) 2`` and the whole record) and the compression
+  ratios against the ``H W C`` uint8 source;
 - JPEG's PSNR at the same payload budget (the highest quality whose file fits it);
-- fitting wall time;
-- optionally the paper's "fit large, then prune" route: the largest count's splats pruned by
-  luminance to the smaller count and fine-tuned briefly.
+- the fitting time and the PSNR curve against steps.
+
+It also measures two of the paper's findings (METHOD.md section 1):
+
+- **pruning a large fit against fitting few splats** (``prune_refit_iterations``): each smaller
+  count is pruned from the next larger one (3136 -> 1600 -> 900 -> 400) and refitted, and every
+  smaller count is fitted directly with as many steps in all as the cascade spent on it, so the two
+  routes are compared at equal steps;
+- **the structured grid init against a random one** (``compare_random_init``): the largest count
+  fitted from random centres and colours with the same steps.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
-import torch
 from torch import Tensor
 
 from gsclip_lib.data.image_decoding import images_to_uint8
@@ -31,7 +36,7 @@ from gsclip_lib.reporting import figures, paper, splat_figures
 from gsclip_lib.splats import codec
 from gsclip_lib.splats.container import Splats
 from gsclip_lib.splats.fitting import FitResult, fit_splats
-from gsclip_lib.splats.pruning import prune_and_finetune
+from gsclip_lib.splats.pruning import prune_and_refit
 from gsclip_lib.splats.quality import psnr
 from gsclip_lib.splats.render import render_splats
 from gsclip_lib.stages.runner import StageResult
@@ -41,14 +46,23 @@ from gsclip_lib.stages.runner import StageResult
 class PhotoFitOutcome:
     images: Tensor  # [B, 3, S, S]
     table: pd.DataFrame  # one row per (photo, count)
-    fits: dict[int, FitResult]  # by splat count
-    renders: dict[int, Tensor]  # [B, 3, S, S] clamped render, by splat count
+    fits: dict[int, FitResult]  # by splat count: the direct fits
+    renders: dict[int, Tensor]  # [B, 3, S, S] clamped render of the direct fits, by splat count
+    pruned: dict[int, FitResult] = field(default_factory=dict)  # by count: pruned from the next larger, refitted
+    random_init: FitResult | None = None  # the largest count from a random start
 
 
 def _codec_round_trip(splats: Splats, size: int) -> tuple[Splats, list[int]]:
     records = codec.encode_batch(splats, size, size)
     decoded, _, _ = codec.decode_batch(records, num_slots=splats.num_slots)
     return decoded.to(splats.device), [len(record) for record in records]
+
+
+def steps_for(config: PhotoFitConfig, count: int) -> int:
+    """The steps a count's direct fit gets: the largest fit's, plus one refit per cascade level
+    above it when pruning is compared (so both routes spend the same steps)."""
+    position = sorted(config.splat_counts, reverse=True).index(count)
+    return config.optimizer.iterations + config.prune_refit_iterations * position
 
 
 def fit_photos(config: PhotoFitConfig, *, progress: bool = True) -> PhotoFitOutcome:
@@ -58,46 +72,51 @@ def fit_photos(config: PhotoFitConfig, *, progress: bool = True) -> PhotoFitOutc
     source = codec.source_bytes(size, size, channels)
     uint8_images = images_to_uint8(images)
     settings = config.optimizer
-    rows, fits, renders = [], {}, {}
-    largest = max(config.splat_counts)
-    for count in sorted(config.splat_counts, reverse=True):
-        fit = fit_splats(images, count, settings, progress=progress, description=f"fit N={count}")
-        fits[count] = fit
-        render = render_splats(fit.splats, size, size, backend=settings.backend, cutoff=settings.cutoff)
-        renders[count] = render.clamp(0, 1)
+    counts = sorted(config.splat_counts, reverse=True)
+    fits, renders, pruned = {}, {}, {}
+    for count in counts:
+        fits[count] = fit_splats(images, count, settings.replace(iterations=steps_for(config, count)),
+                                 progress=progress, description=f"fit {level_name(count)}")
+        renders[count] = render_splats(fits[count].splats, size, size, backend=settings.backend,
+                                       cutoff=settings.cutoff).clamp(0, 1)
+    if config.prune_refit_iterations:
+        refit = settings.replace(iterations=config.prune_refit_iterations)
+        parent = fits[counts[0]]
+        for count in counts[1:]:
+            pruned[count] = prune_and_refit(images, parent.splats, count, refit, score="luminance", progress=progress)
+            parent = pruned[count]
+    random_init = None
+    if config.compare_random_init:
+        random_init = fit_splats(images, counts[0], settings.replace(init="random"), progress=progress,
+                                 description=f"fit {level_name(counts[0])} from random")
+    rows = []
+    for count in counts:
+        fit = fits[count]
         decoded, record_sizes = _codec_round_trip(fit.splats, size)
-        after_codec = psnr(
-            images, render_splats(decoded, size, size, backend=settings.backend, cutoff=settings.cutoff)
-        )
-        pruned_psnr = torch.full((len(config.photos),), math.nan)
-        if config.prune_finetune_iterations and count < largest:
-            pruned = prune_and_finetune(
-                images, fits[largest].splats, count, settings, config.prune_finetune_iterations, progress=progress
-            )
-            pruned_psnr = pruned.psnr
+        after_codec = psnr(images, render_splats(decoded, size, size, backend=settings.backend, cutoff=settings.cutoff))
         for index, name in enumerate(config.photos):
-            num_valid = int(fit.splats.valid[index].sum())
-            payload = codec.payload_bytes(num_valid, channels)
+            payload = codec.payload_bytes(int(fit.splats.valid[index].sum()), channels)
             jpeg_db, jpeg = jpeg_psnr_at_budget(uint8_images[index], payload)
-            rows.append(
-                {
-                    "photo": name,
-                    "splats": count,
-                    "psnr": float(fit.psnr[index]),
-                    "psnr_after_codec": float(after_codec[index]),
-                    "psnr_pruned_from_largest": float(pruned_psnr[index]),
-                    "payload_bytes": payload,
-                    "record_bytes": record_sizes[index],
-                    "ratio_payload": codec.compression_ratio(source, payload),
-                    "ratio_record": codec.compression_ratio(source, record_sizes[index]),
-                    "jpeg_psnr": jpeg_db,
-                    "jpeg_bytes": jpeg.num_bytes,
-                    "jpeg_quality": jpeg.quality,
-                    "fit_seconds_per_image": fit.seconds / len(config.photos),
-                    "seconds_per_iteration": fit.seconds / max(fit.iterations, 1),
-                }
-            )
-    return PhotoFitOutcome(images=images, table=pd.DataFrame(rows), fits=fits, renders=renders)
+            rows.append({
+                "photo": name,
+                "splats": count,
+                "steps": fit.iterations,
+                "psnr": float(fit.psnr[index]),
+                "psnr_after_codec": float(after_codec[index]),
+                "psnr_pruned_from_larger": float(pruned[count].psnr[index]) if count in pruned else math.nan,
+                "psnr_random_init": float(random_init.psnr[index]) if random_init and count == counts[0] else math.nan,
+                "payload_bytes": payload,
+                "record_bytes": record_sizes[index],
+                "ratio_payload": codec.compression_ratio(source, payload),
+                "ratio_record": codec.compression_ratio(source, record_sizes[index]),
+                "jpeg_psnr": jpeg_db,
+                "jpeg_bytes": jpeg.num_bytes,
+                "jpeg_quality": jpeg.quality,
+                "fit_seconds_per_image": fit.seconds / len(config.photos),
+                "seconds_per_iteration": fit.seconds / max(fit.iterations, 1),
+            })
+    return PhotoFitOutcome(images=images, table=pd.DataFrame(rows), fits=fits, renders=renders, pruned=pruned,
+                           random_init=random_init)
 
 
 def photo_fit_metrics(outcome: PhotoFitOutcome) -> dict:
@@ -113,9 +132,10 @@ def photo_fit_metrics(outcome: PhotoFitOutcome) -> dict:
 
 
 def photo_fit_history(outcome: PhotoFitOutcome) -> pd.DataFrame:
-    """Long table of the fits' PSNR curves: iteration, psnr, splats."""
+    """Long table of the direct fits' PSNR curves: iteration, seconds, psnr, splats."""
     frames = [
-        pd.DataFrame({"iteration": fit.history["iteration"], "psnr": fit.history["psnr"], "splats": count})
+        pd.DataFrame({"iteration": fit.history["iteration"], "seconds": fit.history["seconds"],
+                      "psnr": fit.history["psnr"], "splats": count})
         for count, fit in outcome.fits.items()
     ]
     return pd.concat(frames, ignore_index=True)
@@ -127,8 +147,7 @@ def run(params: Params, *, progress: bool = True) -> StageResult:
     outcome = fit_photos(config, progress=progress)
     history = photo_fit_history(outcome)
     metrics = photo_fit_metrics(outcome)
-    dropped = {count: fit.dropped for count, fit in outcome.fits.items() if fit.dropped}
-    metrics["dropped"] = {str(count): images for count, images in dropped.items()}
+    metrics["dropped"] = {str(count): fit.dropped for count, fit in outcome.fits.items() if fit.dropped}
     gallery = splat_figures.plot_fit_gallery(
         outcome.images,
         outcome.renders,
@@ -137,24 +156,42 @@ def run(params: Params, *, progress: bool = True) -> StageResult:
         psnr_by_count={count: fit.psnr for count, fit in outcome.fits.items()},
     )
     largest = max(config.splat_counts)
-    reference = paper.PHOTO_PSNR
-    ours = metrics["levels"][level_name(largest)]["psnr"]
+    largest_row = metrics["levels"][level_name(largest)]
+    rows = [{
+        "what": f"PSNR at {largest} splats (dB)",
+        "ours": round(largest_row["psnr"], 2),
+        "paper": paper.PHOTO_PSNR["psnr_db"],
+        "note": f"ours after {config.optimizer.iterations} steps on {len(config.photos)} photo(s) at "
+        f"{config.image_size}px; the paper's after {paper.PHOTO_PSNR['iterations']} on 224px",
+    }]
+    if outcome.random_init is not None:
+        reference = paper.GRID_VS_RANDOM
+        rows.append({
+            "what": f"grid init minus random init at {largest} splats (dB)",
+            "ours": round(largest_row["psnr"] - largest_row["psnr_random_init"], 2),
+            "paper": round(reference["grid_db"] - reference["random_db"], 2),
+            "note": f"ours: {config.optimizer.iterations} steps; paper: {reference['splats']} splats, "
+            f"{reference['iterations']} steps",
+        })
+    for count in sorted(outcome.pruned, reverse=True):
+        row = metrics["levels"][level_name(count)]
+        rows.append({
+            "what": f"{count} splats: pruned from larger minus fitted directly (dB)",
+            "ours": round(row["psnr_pruned_from_larger"] - row["psnr"], 2),
+            "paper": "> 0 (pruning a large fit wins)",
+            "note": f"{row['steps']:.0f} steps each route",
+        })
+    figures_made = {
+        "gallery": gallery,
+        "psnr_vs_size": figures.plot_psnr_against_size(outcome.table),
+        "psnr_history": figures.plot_psnr_history(history),
+    }
+    if outcome.pruned or outcome.random_init is not None:
+        figures_made["findings"] = figures.plot_photo_findings(outcome.table)
     return StageResult(
         metrics=metrics,
-        figures={
-            "gallery": gallery,
-            "psnr_vs_size": figures.plot_psnr_against_size(outcome.table),
-            "psnr_history": figures.plot_psnr_history(history),
-        },
+        figures=figures_made,
         tables={"table": outcome.table, "history": history},
         summary=outcome.table.drop(columns=["seconds_per_iteration"]).round(2),
-        comparison=paper.comparison([
-            {
-                "what": f"PSNR at {largest} splats (dB)",
-                "ours": round(ours, 2),
-                "paper": reference["psnr_db"],
-                "note": f"ours after {config.optimizer.iterations} steps on {len(config.photos)} photo(s) at "
-                f"{config.image_size}px; the paper's after {reference['iterations']} on 224px",
-            },
-        ]),
+        comparison=paper.comparison(rows),
     )

@@ -1,13 +1,19 @@
-"""Stage ``prune@N``: a smaller level derived from the fitted one (METHOD.md section 1).
+"""Stage ``prune``: the smaller levels, each derived from the next larger one (METHOD.md section 1).
 
-Every splat shard of the fitted level becomes a shard of the same name in
-``fit.out_dir/N<level>/<split>/``: each image keeps its ``level`` brightest splats by luminance
-(:func:`gsclip_lib.splats.pruning.prune_by_luminance`), then the survivors are refitted against the
-image for ``prune.finetune_iterations`` steps (0: kept as pruned) and the PSNR of what is stored is
-measured. The images are those the splats were fitted from, found by the splat sample's
-``source_shard`` and key and read with the same preprocessing. Resuming works as in the fit stage:
-finished shards and their statistics are kept, unless the fitted level, the settings or the code
-changed since they were written.
+The levels form a cascade, largest first (22 -> 11 -> 6 -> 3 by default): every splat shard of the
+level above becomes a shard of the same name in ``fit.out_dir/pruned/N<level>/<split>/``, each image
+keeping its ``level`` best splats by ``prune.score`` (:func:`gsclip_lib.splats.pruning.keep_best`),
+their colours re-solved and the survivors refitted against the image for ``prune.refit_iterations``
+steps with the fit's settings. The images are those the splats were fitted from, found by the splat
+sample's ``source_shard`` and key and read with the same preprocessing. The metrics give every
+level's PSNR before pruning (the level above) and after the refit.
+
+``prune.compare_fit_small`` also fits each level's count directly on the evaluation split, with as
+many steps in all as the cascade spent on it: the paper's claim that pruning a large fit beats
+fitting few splats from the start, measured here.
+
+Resuming works as in the fit stage: finished shards and their statistics are kept, unless the level
+above, the settings or the code changed since they were written.
 """
 
 from __future__ import annotations
@@ -33,11 +39,13 @@ from gsclip_lib.data.splat_shards import (
 )
 from gsclip_lib.errors import InputError
 from gsclip_lib.params import DataConfig, FitSettings, Params, level_name
-from gsclip_lib.progress import progress_bar
-from gsclip_lib.reporting import paper
+from gsclip_lib.progress import progress_bar, report
+from gsclip_lib.reporting import figures, paper
 from gsclip_lib.splats.codec import CodecError, decode_batch, encode_splats, payload_bytes
 from gsclip_lib.splats.fitting import fit_splats
-from gsclip_lib.splats.pruning import prune_by_luminance
+from gsclip_lib.splats.pruning import SCORES, keep_best, prune_score
+from gsclip_lib.splats.quality import psnr
+from gsclip_lib.splats.render import render_splats
 from gsclip_lib.atomic_files import write_json
 from gsclip_lib.stages.dependencies import code_fingerprint
 from gsclip_lib.stages.fit import (
@@ -81,6 +89,7 @@ def prune_split(
     out_dir: Path,
     target_count: int,
     settings: FitSettings,
+    score: str,
     batch_size: int,
     image_spec: str,
     data: DataConfig,
@@ -89,6 +98,8 @@ def prune_split(
     progress: bool = True,
 ) -> SplatShardStats:
     """Prune (and refit) this rank's splat shards of ``fitted_dir`` to ``target_count`` splats."""
+    if score not in SCORES:
+        raise InputError(f"unknown prune score {score!r}; choose one of {SCORES}")
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     image_shards = {os.path.basename(url): url for url in expand_shard_spec(image_spec)}
@@ -108,7 +119,7 @@ def prune_split(
             for batch in batched(reader, batch_size):
                 if images is None:
                     images = _source_images(batch[0], image_shards, data)
-                _prune_and_write(batch, writer, target_count, settings, images, device, shard)
+                _prune_and_write(batch, writer, target_count, settings, score, images, device, shard)
             shard.skip_counts = reader.skip_counts.copy()
             write_json(stats_path(final), shard.shard_record())  # before the shard itself is published
         stats.merge(shard.shard_record())
@@ -135,6 +146,7 @@ def _prune_and_write(
     writer: SplatShardWriter,
     target_count: int,
     settings: FitSettings,
+    score: str,
     source: SourceImages,
     device: torch.device | str,
     stats: SplatShardStats,
@@ -148,15 +160,20 @@ def _prune_and_write(
         if not found:
             continue
         splats, _, _ = decode_batch([batch[positions[i]].record for i in found])
-        pruned = prune_by_luminance(splats, target_count=target_count)
         stack = torch.stack([images[positions[i]] for i in found]).to(device)
         if tuple(stack.shape[1:]) != (channels, height, width):
             raise InputError(
                 f"the source images are {tuple(stack.shape[1:])}, the splats describe {(channels, height, width)}: "
                 "data.image_size, data.channels and data.resize_mode must be those the splats were fitted with"
             )
-        result = fit_splats(stack, pruned.num_slots, settings, initial=pruned.to(device), progress=False,
-                            description="refit")
+        splats = splats.to(device)
+        pruned = keep_best(splats, prune_score(splats, score, height, width, settings.cutoff, settings.backend),
+                           target_count)
+        with torch.no_grad():  # what pruning alone keeps, before the colours are re-solved and refitted
+            kept = psnr(stack, render_splats(pruned, height, width, backend=settings.backend, cutoff=settings.cutoff))
+        stats.psnr_pruned_sum += float(kept[torch.isfinite(kept)].sum())
+        stats.psnr_pruned_count += int(torch.isfinite(kept).sum())
+        result = fit_splats(stack, target_count, settings, initial=pruned, progress=False, description="refit")
         stats.fit_seconds += result.seconds
         refitted = result.splats.to("cpu")
         dropped = set(result.dropped)
@@ -191,54 +208,103 @@ def _prune_and_write(
         stats.add_sample(writer, sample.key, record, sample.caption, metadata, quality)
 
 
-def prune_level(params: Params, level: int, *, progress: bool = True) -> dict:
-    """Derive the ``level`` of every split from the fitted level; return the stage's metrics."""
-    if level not in params.prune.levels:
-        raise InputError(f"level {level} is not one of prune.levels {params.prune.levels}")
-    settings = params.fit.optimizer.replace(iterations=params.prune.finetune_iterations)
+def prune_cascade(params: Params, *, progress: bool = True) -> dict:
+    """Every pruned level of every split, largest first, each from the level above; the metrics."""
+    settings = params.fit.optimizer.replace(iterations=params.prune.refit_iterations)
     device = distributed.default_device()
-    metrics: dict = {}
-    for split, spec in params.splat_splits().items():
-        fitted = params.splat_dir(params.fit.num_splats, split) / "config.json"
-        fingerprint = {
-            "prune": {"level": level, "refit": settings.model_dump(mode="json")},
-            "fitted": fitted.read_text() if fitted.is_file() else None,
-            "code": code_fingerprint(__name__),
-        }
-        reset_if_changed(params.splat_dir(level, split), fingerprint)
-        stats = prune_split(
-            params.splat_dir(params.fit.num_splats, split), params.splat_dir(level, split), level, settings,
-            params.fit.batch_size, spec, params.data, device=device, progress=progress,
-        )
-        metrics[split] = level_metrics(stats, level, params.data)
-        metrics[split]["no_source_image"] = stats.no_source_image
-        # The PSNR the same images had at the fitted level, and what pruning (and the refit) cost.
-        before = stats.psnr_before_sum / stats.psnr_before_count if stats.psnr_before_count else math.nan
-        metrics[split]["mean_psnr_fitted"] = before
-        metrics[split]["psnr_cost"] = before - metrics[split]["mean_psnr"]
-        metrics[split]["pruned_fraction"] = round(1 - level / params.fit.num_splats, 4)
-    metrics["skipped_total"] = skipped_total(metrics)
+    metrics: dict = {"levels": {}}
+    parent = params.fit.num_splats
+    for position, level in enumerate(sorted(params.prune.levels, reverse=True), start=1):
+        level_metrics_by_split: dict = {}
+        for split, spec in params.splat_splits().items():
+            source = params.splat_dir(parent, split)
+            made_from = source / "config.json"
+            fingerprint = {
+                "prune": {"level": level, "score": params.prune.score, "refit": settings.model_dump(mode="json")},
+                "source": made_from.read_text() if made_from.is_file() else None,
+                "code": code_fingerprint(__name__),
+            }
+            reset_if_changed(params.splat_dir(level, split), fingerprint)
+            stats = prune_split(source, params.splat_dir(level, split), level, settings, params.prune.score,
+                                params.fit.batch_size, spec, params.data, device=device, progress=progress)
+            row = level_metrics(stats, level, params.data)
+            before = stats.psnr_before_sum / stats.psnr_before_count if stats.psnr_before_count else math.nan
+            row.update(
+                pruned_from=parent,
+                no_source_image=stats.no_source_image,
+                mean_psnr_before=before,  # the same images at the level above
+                mean_psnr_pruned=stats.psnr_pruned_sum / stats.psnr_pruned_count if stats.psnr_pruned_count
+                else math.nan,  # after pruning, before the refit
+                psnr_cost=before - row["mean_psnr"],
+                total_steps=params.fit.optimizer.iterations + params.prune.refit_iterations * position,
+            )
+            level_metrics_by_split[split] = row
+        metrics["levels"][level_name(level)] = level_metrics_by_split
+        parent = level
+    metrics["skipped_total"] = skipped_total(metrics["levels"])
     return metrics
 
 
-def run(params: Params, *, level: int, progress: bool = True) -> StageResult:
-    """The ``prune@N`` stage: one pruned level of every split, and a figure beside the fitted level."""
-    metrics = prune_level(params, level, progress=progress)
-    empty = [split for split in params.splat_splits() if metrics[split]["images"] == 0]
-    if empty:
-        raise RuntimeError(f"the prune stage wrote no image for the split(s) {empty}: {metrics}")
-    figures_made = {}
-    if distributed.is_main():
-        figures_made["examples"] = example_figure(params, [params.fit.num_splats, level])
+def fit_small_comparison(params: Params, metrics: dict, *, progress: bool = True) -> dict:
+    """Each pruned level's count fitted directly on the evaluation split, with the cascade's total
+    steps: ``{level: {"pruned": dB, "fit_small": dB, "steps": n}}``."""
     split = params.shown_split()
-    low, high = paper.PRUNE_COST_DB["cost_db"]
-    comparison = paper.comparison([{
-        "what": f"PSNR cost of pruning {100 * metrics[split]['pruned_fraction']:.0f} % of the splats (dB, {split})",
-        "ours": round(metrics[split]["psnr_cost"], 2),
-        "paper": f"{low:g}-{high:g}",
-        "note": f"paper: 60-80 % pruned, 224x224 photos; ours: {params.fit.num_splats} -> {level} splats at "
-        f"{params.data.image_size}x{params.data.image_size}, refit {params.prune.finetune_iterations} steps",
-    }])
-    return StageResult(metrics=metrics, figures=figures_made, summary=splits_summary(metrics, params.splat_splits()),
-                       comparison=comparison)
+    reader = ImageTextShards(params.splat_splits()[split], image_size=params.data.image_size,
+                             resize_mode=params.data.resize_mode, channels=params.data.channels, rank=0, world_size=1)
+    device = distributed.default_device()
+    comparison = {}
+    for level in sorted(params.prune.levels, reverse=True):
+        row = metrics["levels"][level_name(level)][split]
+        settings = params.fit.optimizer.replace(iterations=row["total_steps"])
+        psnr_sum, count = 0.0, 0
+        for batch in batched(reader, params.fit.batch_size):
+            images = torch.stack([sample.image for sample in batch]).to(device)
+            result = fit_splats(images, level, settings, progress=False)
+            finite = result.psnr[torch.isfinite(result.psnr)]
+            psnr_sum, count = psnr_sum + float(finite.sum()), count + int(finite.numel())
+        comparison[level_name(level)] = {
+            "split": split, "steps": row["total_steps"], "pruned": row["mean_psnr"],
+            "fit_small": psnr_sum / count if count else math.nan,
+        }
+        if progress:
+            report(f"{split}: {level_name(level)} pruned {row['mean_psnr']:.2f} dB, fit directly "
+                   f"{comparison[level_name(level)]['fit_small']:.2f} dB ({row['total_steps']} steps each)")
+    return comparison
 
+
+def run(params: Params, *, progress: bool = True) -> StageResult:
+    """The ``prune`` stage: the cascade of pruned levels, their figures and the paper's comparison."""
+    metrics = prune_cascade(params, progress=progress)
+    for name, splits in metrics["levels"].items():
+        empty = [split for split, row in splits.items() if row["images"] == 0]
+        if empty:
+            raise RuntimeError(f"the prune stage wrote no image of {name} for the split(s) {empty}")
+    if params.prune.compare_fit_small:
+        metrics["fit_small"] = fit_small_comparison(params, metrics, progress=progress)
+    figures_made = {}
+    split = params.shown_split()
+    if distributed.is_main():
+        figures_made["examples"] = example_figure(params, params.levels())
+        figures_made["psnr_by_level"] = figures.plot_pruning(metrics, params.fit.num_splats, split)
+    low, high = paper.PRUNE_COST_DB["cost_db"]
+    rows = []
+    for name, splits in metrics["levels"].items():
+        row = splits[split]
+        rows.append({
+            "what": f"{split}: PSNR cost of {row['pruned_from']} -> {row['splats']} splats (dB)",
+            "ours": round(row["psnr_cost"], 2),
+            "paper": f"{low:g}-{high:g} for 60-80 % pruned",
+            "note": f"{100 * (1 - row['splats'] / row['pruned_from']):.0f} % pruned, refit {params.prune.refit_iterations} steps",
+        })
+        if "fit_small" in metrics:
+            small = metrics["fit_small"][name]
+            rows.append({
+                "what": f"{split}: {name} pruned from large against fitted directly (dB)",
+                "ours": f"{small['pruned']:.2f} vs {small['fit_small']:.2f}",
+                "paper": "pruning from large wins",
+                "note": f"{small['steps']} steps each",
+            })
+    summary = splits_summary({f"{name} {split}": row for name, splits in metrics["levels"].items()
+                              for split, row in splits.items()}, [f"{name} {split}" for name, splits in
+                                                                  metrics["levels"].items() for split in splits])
+    return StageResult(metrics=metrics, figures=figures_made, summary=summary, comparison=paper.comparison(rows))

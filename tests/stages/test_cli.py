@@ -8,14 +8,12 @@ import pytest
 from gsclip_lib.stages.cli import main
 
 
-
-
 def _overrides(tmp_path) -> list[str]:
     """A tiny run in ``tmp_path``: 20 + 10 images, 8 splats, 2 fitting steps."""
     values = [
         f"paths.reports={tmp_path}/reports", f"data.shards_dir={tmp_path}/shards", "data.train_size=20",
         "data.eval_size=10", "data.images_per_shard=10", f"fit.out_dir={tmp_path}/splats", "fit.num_splats=8",
-        "fit.batch_size=10", "fit.optimizer.iterations=2", "prune.levels=[4]",
+        "fit.batch_size=10", "fit.optimizer.iterations=2", "prune.levels=[4, 2]", "prune.refit_iterations=2",
     ]
     return [argument for value in values for argument in ("--set", value)]
 
@@ -23,14 +21,20 @@ def _overrides(tmp_path) -> list[str]:
 def test_data_stages_from_the_command_line(fashion_mnist, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path.parent)  # a relative params path is found from the project root
     params = str(Path(__file__).resolve().parents[2] / "params.yaml")
-    for stage in (["prepare"], ["fit"], ["prune", "--level", "4"]):
+    for stage in (["prepare"], ["fit"], ["prune"]):
         assert main([*stage, "--params", params, *_overrides(tmp_path)]) == 0
     reports = tmp_path / "reports"
     fitted = json.loads((reports / "fit" / "metrics.json").read_text())
     assert fitted["train"]["images"] == 20 and fitted["eval"]["images"] == 10 and fitted["world_size"] == 1
-    pruned = json.loads((reports / "prune" / "N4" / "metrics.json").read_text())
-    assert pruned["eval"]["payload_bytes"] == 4 * 12 and pruned["eval"]["images"] == 10
-    assert (reports / "prune" / "N4" / "figures" / "examples.png").stat().st_size > 1000
+    pruned = json.loads((reports / "prune" / "metrics.json").read_text())
+    for level, parent in ((4, 8), (2, 4)):  # the cascade: each level from the one above
+        row = pruned["levels"][f"N{level}"]["eval"]
+        assert row["payload_bytes"] == level * 12 and row["images"] == 10 and row["pruned_from"] == parent
+        assert row["total_steps"] == 2 + 2 * (1 if level == 4 else 2)
+        assert row["psnr_cost"] == pytest.approx(row["mean_psnr_before"] - row["mean_psnr"])
+    assert set(pruned["fit_small"]) == {"N4", "N2"}
+    for name in ("examples", "psnr_by_level"):
+        assert (reports / "prune" / "figures" / f"{name}.png").stat().st_size > 1000
     assert (reports / "prepare" / "figures" / "samples.png").is_file()
 
 
@@ -38,6 +42,7 @@ def test_data_stages_from_the_command_line(fashion_mnist, tmp_path, monkeypatch)
     "arguments, message",
     [
         (["align"], "the align stage needs --level N"),
+        (["prune", "--level", "4"], "the prune stage takes no --level"),
         (["fit", "--level", "3"], "the fit stage takes no --level"),
         (["fit", "--set", "fit.num_splat=3"], "unknown key fit.num_splat"),
         (["fit", "--set", "fit.optimizer.lr_positions=.inf"], "fit.optimizer.lr_positions: Input should be a finite number"),

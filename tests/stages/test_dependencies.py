@@ -36,3 +36,8 @@ def test_closure_follows_lazy_imports_and_parent_packages(tmp_path):
 def test_the_rgb_model_brings_its_configs():
     files = closure(ROOT, ["from gsclip_lib.models import rgb_clip\n"])
     assert "gsclip_lib/models/model_configs" in files and "gsclip_lib/reporting/figures.py" not in files
+
+
+def test_the_cpu_rasterizer_brings_the_source_it_compiles():
+    files = closure(ROOT, ["from gsclip_lib.splats.render import render_splats\n"])
+    assert "kernels/rasterize_cpu.py" in files and "kernels/csrc" in files

@@ -1,4 +1,4 @@
-"""The prune stage: each level keeps the brightest splats of the fitted level, refitted on the images."""
+"""The prune stage: each level keeps the best splats of the level above, refitted on the images."""
 
 from pathlib import Path
 
@@ -9,7 +9,7 @@ import torch
 from gsclip_lib.data.image_text_shards import list_shards, write_image_text_shards
 from gsclip_lib.errors import InputError
 from gsclip_lib.splats.codec import decode_splats, record_bytes
-from gsclip_lib.splats.pruning import prune_by_luminance
+from gsclip_lib.splats.pruning import keep_best, prune_by_luminance, prune_score
 from gsclip_lib.stages import fit as fit_stage
 from gsclip_lib.stages import prune
 
@@ -39,10 +39,14 @@ def test_pruned_levels_keep_the_brightest_splats(fitted, target, shard_samples):
     parents = {}
     for path in list_shards(root / "gs16"):
         parents.update(shard_samples(path))
-    stats = prune.prune_split(root / "gs16", root / f"gs{target}", target, settings.replace(iterations=0), 3,
+    # No refit and no colour solve: exactly the target brightest splats of the stored parent.
+    keep_only = settings.replace(iterations=0, colour_solve="none")
+    stats = prune.prune_split(root / "gs16", root / f"gs{target}", target, keep_only, "luminance", 3,
                               str(root / "images"), data, progress=False)
     assert (stats.shards_written, stats.images, stats.no_source_image) == (3, 10, 0)
-    assert np.isfinite(stats.mean_psnr) and stats.psnr_before_count == 10
+    assert np.isfinite(stats.mean_psnr) and stats.psnr_before_count == 10 == stats.psnr_pruned_count
+    # Without a refit the stored PSNR is that of the pruned splats.
+    assert stats.psnr_pruned_sum / stats.psnr_pruned_count == pytest.approx(stats.mean_psnr, abs=0.05)
     level = {}
     for path in list_shards(root / f"gs{target}"):
         level.update(shard_samples(path))
@@ -52,34 +56,58 @@ def test_pruned_levels_keep_the_brightest_splats(fitted, target, shard_samples):
         assert meta["N"] == target and meta["pruned_from"] == SPLATS and meta["refit_iterations"] == 0
         assert meta["bytes"] == len(record) == record_bytes(target, 3) < parent_meta["bytes"]
         assert meta["label"] == parent_meta["label"] and meta["source_key"] == key and np.isfinite(meta["psnr"])
-        # Without a refit: exactly the target brightest splats of the stored parent.
         expected = prune_by_luminance(decode_splats(parent_record).splats, target_count=target)
         torch.testing.assert_close(decode_splats(record).splats.colours, expected.colours)
         torch.testing.assert_close(decode_splats(record).splats.positions, expected.positions)
-    rerun = prune.prune_split(root / "gs16", root / f"gs{target}", target, settings, 3, str(root / "images"), data,
-                              progress=False)
+    rerun = prune.prune_split(root / "gs16", root / f"gs{target}", target, keep_only, "luminance", 3,
+                              str(root / "images"), data, progress=False)
     assert (rerun.shards_written, rerun.shards_skipped) == (0, 3)
 
 
-def test_refit_moves_the_survivors_and_only_namesake_image_shards_are_read(fitted, shard_samples):
+def test_the_energy_score_keeps_the_splats_with_most_energy(fitted, shard_samples):
     root, data, settings = fitted
-    kept = prune.prune_split(root / "gs16", root / "gs8k", 8, settings.replace(iterations=0), 4, str(root / "images"),
-                             data, progress=False)
-    refit = prune.prune_split(root / "gs16", root / "gs8r", 8, settings.replace(iterations=3), 4,
+    keep_only = settings.replace(iterations=0, colour_solve="none")
+    prune.prune_split(root / "gs16", root / "gs6e", 6, keep_only, "energy", 4, str(root / "images"), data,
+                      progress=False)
+    parents = {}
+    for path in list_shards(root / "gs16"):
+        parents.update(shard_samples(path))
+    for path in list_shards(root / "gs6e"):
+        for key, (record, _) in shard_samples(path).items():
+            parent = decode_splats(parents[key][0]).splats
+            expected = keep_best(parent, prune_score(parent, "energy", SIZE, SIZE, settings.cutoff, "dense"), 6)
+            torch.testing.assert_close(decode_splats(record).splats.positions, expected.positions)
+
+
+def test_solved_colours_and_the_refit_improve_on_pruning_alone(fitted, shard_samples):
+    root, data, settings = fitted
+    kept = prune.prune_split(root / "gs16", root / "gs8k", 8, settings.replace(iterations=0, colour_solve="none"),
+                             "luminance", 4, str(root / "images"), data, progress=False)
+    solved = prune.prune_split(root / "gs16", root / "gs8s", 8, settings.replace(iterations=0), "luminance", 4,
+                               str(root / "images"), data, progress=False)
+    refit = prune.prune_split(root / "gs16", root / "gs8r", 8, settings.replace(iterations=20), "luminance", 4,
                               str(root / "images"), data, progress=False)
-    assert kept.images == refit.images == 10
+    assert kept.images == solved.images == refit.images == 10
+    assert solved.mean_psnr > kept.mean_psnr and refit.mean_psnr > kept.mean_psnr
     _, meta = shard_samples(list_shards(root / "gs8r")[1])["img004"]
-    assert meta["refit_iterations"] == 3
+    assert meta["refit_iterations"] == 20
     record_kept, _ = shard_samples(list_shards(root / "gs8k")[1])["img004"]
     record_refit, _ = shard_samples(list_shards(root / "gs8r")[1])["img004"]
     assert record_kept != record_refit
+
+
+def test_only_namesake_image_shards_are_read(fitted):
+    root, data, settings = fitted
     # Only the image shard named like the splat shard's source is searched; the others count as missing.
     only_first = str(root / "images" / "train-000000.tar")
-    missing = prune.prune_split(root / "gs16", root / "gs8x", 8, settings, 4, only_first, data, progress=False)
+    missing = prune.prune_split(root / "gs16", root / "gs8x", 8, settings, "luminance", 4, only_first, data,
+                                progress=False)
     assert missing.no_source_image == 6 and missing.images == 4
 
 
-def test_a_level_outside_prune_levels_is_refused(defaults):
-    params = defaults.params()
-    with pytest.raises(InputError, match="not one of prune.levels"):
-        prune.prune_level(params, 5, progress=False)
+def test_an_unknown_score_is_refused_before_anything_is_written(fitted, tmp_path):
+    root, data, settings = fitted
+    with pytest.raises(InputError, match="unknown prune score"):
+        prune.prune_split(root / "gs16", tmp_path / "out", 8, settings, "size", 4, str(root / "images"), data,
+                          progress=False)
+    assert not (tmp_path / "out").exists()
