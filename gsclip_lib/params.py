@@ -90,6 +90,15 @@ class SplatEncoderConfig(ConfigModel):
     resampler_heads: int = PositiveInt
     mlp_ratio: float = PositiveFloat
     unfreeze_first_blocks: int = Field(ge=0)  # first k RGB blocks trained as copies
+    latents: Literal["learned", "teacher_grid"]  # free queries, or one per cell of the RGB ViT's patch grid
+    locality_width: float = Field(ge=0)  # start width of the Gaussian locality bias ([-1, 1] units); 0: none
+    norm_pre: Literal["rms", "teacher_ln"]  # the norm before the blocks: RMSNorm, or a copy of the RGB ln_pre
+
+    @model_validator(mode="after")
+    def _locality_needs_places(self) -> "SplatEncoderConfig":
+        if self.locality_width > 0 and self.latents != "teacher_grid":
+            raise ValueError("locality_width > 0 needs latents: teacher_grid (a latent needs a place in the image)")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,11 +229,20 @@ class AlignConfig(ConfigModel):
     """``align``: the splat tower and its two training stages, per level."""
 
     encoder: SplatEncoderConfig
+    distill_target: Literal["embedding", "tokens"]  # stage 1 matches the teacher's CLS embedding, or its block inputs
     distill: OptimConfig  # stage 1 (paper: 2 epochs)
     contrastive: OptimConfig  # stage 2 (paper: 5 epochs)
     unfreeze_text_last_block: bool  # also train a copy of the text tower's last block
     cache_text_embeddings: bool  # frozen text tower: encode each distinct caption once
     checkpoint_dir: str = Field(min_length=1)  # N<count>/{distill,contrastive}/last.pt, splat_encoder.pt
+
+    @model_validator(mode="after")
+    def _tokens_need_a_grid(self) -> "AlignConfig":
+        if self.distill_target == "tokens" and self.encoder.latents != "teacher_grid":
+            raise ValueError(
+                "distill_target: tokens needs encoder.latents: teacher_grid (each latent is matched to its patch cell)"
+            )
+        return self
 
     def level_dir(self, count: int) -> Path:
         return Path(self.checkpoint_dir) / level_name(count)

@@ -20,13 +20,23 @@ In order, as the paper describes it:
    Invalid (padded or pruned) slots are zeroed before anything is computed on them, so garbage there
    can never reach an attention sum as NaN.
 2. **Perceiver resampler** (:class:`PerceiverResampler`): ``resampler_layers`` pre-norm layers of
-   cross-attention (``num_latents`` learned latents query the splat embeddings) and an MLP. Invalid
-   splats are masked out of the keys. Every cross-attention also sees one all-zero key and value
-   (``add_zero_attn``): an image with no valid splat then attends to that zero slot only, so it gets
-   a finite output without a special case, and a masked slot never changes anything.
-3. A learned **CLS token** is prepended to the ``K`` latents, then an **RMSNorm** (in place of the RGB
-   ViT's ``ln_pre``). The CLS token starts as the RGB ViT's class embedding plus its first
-   positional embedding, the token the RGB blocks are used to seeing first.
+   cross-attention (``num_latents`` latents query the splat embeddings) and an MLP. Invalid splats
+   are masked out of the keys. Every cross-attention also sees one all-zero key and value: an image
+   with no valid splat then attends to that zero slot only, so it gets a finite output without a
+   special case, and a masked slot never changes anything. The latents are either free learned
+   queries (``latents: learned``) or tied to the RGB ViT's patch grid (``latents: teacher_grid``):
+   ``K = s^2`` latents, one per cell of an ``s x s`` grid laid over the patches (one per patch when
+   ``s`` is the grid's side), each starting at its cell's positional embedding and sitting at its
+   cell's centre. Tied latents can carry a **locality bias** (``locality_width > 0``): the attention
+   logit of latent ``k`` to splat ``i`` gets ``-|c_i - p_k|^2 / (2 s_h^2)``, with ``c_i`` the splat's
+   centre, ``p_k`` the cell's centre (both in ``[-1, 1]``) and one learned width ``s_h`` per head and
+   layer, so a latent reads the splats of its own part of the image first.
+3. A learned **CLS token** is prepended to the ``K`` latents, then a norm in place of the RGB ViT's
+   ``ln_pre``: an RMSNorm (``norm_pre: rms``) or a trainable copy of ``ln_pre`` itself
+   (``norm_pre: teacher_ln``). The CLS token starts as the RGB ViT's class embedding plus its first
+   positional embedding, the token the RGB blocks are used to seeing first. With tied latents these
+   ``1 + K`` tokens (:meth:`SplatImageEncoder.block_inputs`) line up with the RGB ViT's own block
+   inputs for the image (:func:`teacher_block_inputs`), which token distillation matches.
 4. The RGB CLIP ViT's **transformer blocks**, frozen and *shared* with the RGB model (the same module
    objects, not copies: the student and the teacher run the same weights, and only one copy exists in
    memory). ``unfreeze_first_blocks = k`` (v2 of the paper unfreezes two) deep-copies the first ``k``
@@ -38,8 +48,9 @@ In order, as the paper describes it:
    ``ln_post`` scale and ``proj``, so distillation starts in the teacher's output space.
 
 ``K`` (``num_latents``) is the number of tokens the blocks see. The paper uses 196 or 98 at 224x224
-(all or half of the RGB ViT-B/16's patches); the default RGB model here reads 28x28 images as 49
-patches, and the default ``K = 16`` is about a third of them (22 splats at most per image).
+(all or half of the RGB ViT-B/16's patches); the default RGB model here reads 28x28 images as 16
+patches of 7x7 pixels, and the default ``K = 16`` gives one latent per patch (22 splats at most per
+image).
 
 :func:`save_splat_encoder` stores only the splat tower's own weights (the shared blocks belong to the
 RGB model), its config, image size and feature statistics; :func:`load_splat_encoder` rebuilds it on
@@ -49,11 +60,13 @@ an RGB model and checks the file's statistics came back.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gsclip_lib import distributed
@@ -176,17 +189,121 @@ def fourier_features(features: Tensor, frequencies: Tensor) -> Tensor:  # [..., 
 # The module
 
 
-class ResamplerLayer(nn.Module):
-    """Pre-norm cross-attention of the latents to the splats, then an MLP, both residual."""
+def patch_grid_size(visual: nn.Module) -> tuple[int, int]:
+    """``(rows, columns)`` of the RGB ViT's patch grid."""
+    grid = getattr(visual, "grid_size", None)
+    if grid is None:
+        side = int(round((visual.positional_embedding.shape[0] - 1) ** 0.5))
+        grid = (side, side)
+    rows, columns = (grid, grid) if isinstance(grid, int) else tuple(grid)
+    if rows * columns + 1 != visual.positional_embedding.shape[0]:
+        raise ValueError(f"the RGB ViT's grid {rows}x{columns} disagrees with its positional embedding")
+    return int(rows), int(columns)
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+
+def latent_grid_side(num_latents: int, grid: tuple[int, int]) -> int:
+    """The side ``s`` of the ``s x s`` latent grid ``latents: teacher_grid`` lays over the patch grid."""
+    side = int(round(num_latents**0.5))
+    if side * side != num_latents or side > min(grid):
+        raise ValueError(
+            f"latents: teacher_grid needs num_latents = s^2 with s <= {min(grid)} (the RGB ViT's patch grid is "
+            f"{grid[0]}x{grid[1]}), got num_latents={num_latents}"
+        )
+    return side
+
+
+def _bin_centres(cells: int, side: int) -> Tensor:  # [side] in [-1, 1]
+    """Centres of adaptive average pooling's ``side`` bins over ``cells`` cells, image-normalized."""
+    starts = torch.tensor([(i * cells) // side for i in range(side)], dtype=torch.float32)
+    ends = torch.tensor([-((-(i + 1) * cells) // side) for i in range(side)], dtype=torch.float32)
+    return (starts + ends) / cells - 1.0
+
+
+def latent_positions(side: int, grid: tuple[int, int]) -> Tensor:  # [side^2, 2] as (x, y) in [-1, 1]
+    """Where each latent of the ``side x side`` grid sits, in the coordinates of the splat centres
+    (``2 x / W - 1``), row-major like the ViT's patch tokens."""
+    ys, xs = _bin_centres(grid[0], side), _bin_centres(grid[1], side)
+    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)
+
+
+def pool_patch_grid(tokens: Tensor, grid: tuple[int, int], side: int) -> Tensor:  # [B, G, W] -> [B, side^2, W]
+    """Patch tokens (row-major over ``grid``) averaged into the ``side x side`` latent cells."""
+    if (side, side) == tuple(grid):
+        return tokens
+    batch, _, width = tokens.shape
+    image = tokens.transpose(1, 2).reshape(batch, width, *grid)
+    return F.adaptive_avg_pool2d(image, side).flatten(2).transpose(1, 2)
+
+
+def teacher_block_inputs(visual: nn.Module, images: Tensor, side: int | None = None) -> Tensor:
+    """What the RGB ViT's first block reads for ``images`` (already prepared for the model):
+    ``ln_pre`` of the class token and the patch tokens with their positional embeddings, ``[B, 1 + G, W]``.
+
+    With ``side`` below the grid, the patch tokens (positional embedding included) are averaged into
+    the ``side x side`` latent cells before ``ln_pre``: ``[B, 1 + side^2, W]``. These are the targets of
+    token distillation (``align.distill_target: tokens``).
+    """
+    grid = patch_grid_size(visual)
+    patches = visual.conv1(images).flatten(2).transpose(1, 2)  # [B, G, W]
+    position = visual.positional_embedding.to(patches.dtype)
+    patches = patches + position[1:]
+    if side is not None:
+        patches = pool_patch_grid(patches, grid, side)
+    cls = (visual.class_embedding.to(patches.dtype) + position[0]).expand(patches.shape[0], 1, -1)
+    return visual.ln_pre(torch.cat([cls, patches], 1))
+
+
+class CrossAttention(nn.Module):
+    """Latents attend to splats: multi-head attention with an all-zero key/value slot every query can
+    fall back on, masked invalid splats, and, when ``locality_width > 0``, a Gaussian bias
+    ``-|c_splat - p_latent|^2 / (2 s_h^2)`` on the logits with one learned width ``s_h`` per head."""
+
+    def __init__(self, width: int, heads: int, locality_width: float = 0.0) -> None:
         super().__init__()
         if width % heads:
             raise ValueError(f"the width {width} is not divisible by resampler_heads={heads}")
+        self.heads = heads
+        self.query = nn.Linear(width, width)
+        self.key_value = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, width)
+        self.log_locality_width = (
+            nn.Parameter(torch.full((heads,), math.log(locality_width))) if locality_width > 0 else None
+        )
+
+    def forward(
+        self,
+        latents: Tensor,  # [B, K, W]
+        context: Tensor,  # [B, N, W]
+        ignore: Tensor,  # [B, N] bool, True for slots to mask out
+        squared_distances: Tensor | None = None,  # [B, K, N] from each latent's place to each splat centre
+    ) -> Tensor:  # [B, K, W]
+        batch, count, width = latents.shape
+        heads, head_width = self.heads, width // self.heads
+        query = self.query(latents).view(batch, count, heads, head_width).transpose(1, 2)  # [B, H, K, d]
+        key, value = self.key_value(context).view(batch, -1, 2, heads, head_width).permute(2, 0, 3, 1, 4)
+        zero = key.new_zeros(batch, heads, 1, head_width)
+        key, value = torch.cat([key, zero], 2), torch.cat([value, zero], 2)  # [B, H, N + 1, d]
+        logits = query @ key.transpose(-1, -2) * head_width**-0.5  # [B, H, K, N + 1]
+        if self.log_locality_width is not None:
+            if squared_distances is None:
+                raise ValueError("a locality bias needs the squared distances of latents to splats")
+            spread = self.log_locality_width.exp().view(1, heads, 1, 1)
+            bias = -squared_distances.unsqueeze(1) / (2.0 * spread * spread)  # [B, H, K, N]
+            logits = logits + F.pad(bias, (0, 1))  # the zero slot has no place: no bias
+        masked = F.pad(ignore, (0, 1), value=False).view(batch, 1, 1, -1)
+        weights = logits.masked_fill(masked, float("-inf")).softmax(-1)
+        attended = (weights @ value).transpose(1, 2).reshape(batch, count, width)
+        return self.out(attended)
+
+
+class ResamplerLayer(nn.Module):
+    """Pre-norm cross-attention of the latents to the splats, then an MLP, both residual."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, locality_width: float = 0.0) -> None:
+        super().__init__()
         self.norm_latents = nn.LayerNorm(width)
         self.norm_context = nn.LayerNorm(width)
-        # add_zero_attn: a zero key/value every query can fall back on (see the module docstring).
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True, add_zero_attn=True)
+        self.attn = CrossAttention(width, heads, locality_width)
         self.norm_mlp = nn.LayerNorm(width)
         hidden = int(round(width * mlp_ratio))
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
@@ -196,29 +313,60 @@ class ResamplerLayer(nn.Module):
         latents: Tensor,  # [B, K, W]
         context: Tensor,  # [B, N, W]
         ignore: Tensor,  # [B, N] bool, True for slots to mask out
+        squared_distances: Tensor | None = None,  # [B, K, N]
     ) -> Tensor:  # [B, K, W]
-        keys = self.norm_context(context)
-        attended, _ = self.attn(
-            self.norm_latents(latents), keys, keys, key_padding_mask=ignore, need_weights=False
-        )
-        latents = latents + attended
+        latents = latents + self.attn(self.norm_latents(latents), self.norm_context(context), ignore, squared_distances)
         return latents + self.mlp(self.norm_mlp(latents))
 
 
 class PerceiverResampler(nn.Module):
-    """A variable number of splat embeddings in, ``num_latents`` tokens out."""
+    """A variable number of splat embeddings in, ``num_latents`` tokens out.
 
-    def __init__(self, width: int, num_latents: int, layers: int, heads: int, mlp_ratio: float) -> None:
+    ``initial_latents`` (``[K, W]``) starts the latent queries (default: small random vectors);
+    ``positions`` (``[K, 2]``, where each latent sits in the image) feed the locality bias.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        num_latents: int,
+        layers: int,
+        heads: int,
+        mlp_ratio: float,
+        *,
+        initial_latents: Tensor | None = None,
+        positions: Tensor | None = None,
+        locality_width: float = 0.0,
+    ) -> None:
         super().__init__()
+        if initial_latents is None:
+            initial_latents = torch.randn(num_latents, width) * width**-0.5
+        if tuple(initial_latents.shape) != (num_latents, width):
+            raise ValueError(f"initial_latents must be [{num_latents}, {width}], got {tuple(initial_latents.shape)}")
+        if locality_width > 0 and positions is None:
+            raise ValueError("a locality bias needs the latents' positions")
         # "embedding" in the name keeps it out of weight decay (gsclip_lib.training.loop, open_clip's rule).
-        self.latent_embedding = nn.Parameter(torch.randn(num_latents, width) * width**-0.5)
-        self.layers = nn.ModuleList(ResamplerLayer(width, heads, mlp_ratio) for _ in range(layers))
+        self.latent_embedding = nn.Parameter(initial_latents.detach().clone().float())
+        self.register_buffer("positions", None if positions is None else positions.float(), persistent=False)
+        self.uses_locality = locality_width > 0
+        self.layers = nn.ModuleList(ResamplerLayer(width, heads, mlp_ratio, locality_width) for _ in range(layers))
 
-    def forward(self, context: Tensor, valid: Tensor) -> Tensor:  # [B, N, W], [B, N] -> [B, K, W]
-        latents = self.latent_embedding.unsqueeze(0).expand(context.shape[0], -1, -1)
+    def forward(
+        self,
+        context: Tensor,  # [B, N, W]
+        valid: Tensor,  # [B, N] bool
+        centres: Tensor | None = None,  # [B, N, 2] splat centres in [-1, 1], needed by the locality bias
+    ) -> Tensor:  # [B, K, W]
+        latents = self.latent_embedding.to(context.dtype).unsqueeze(0).expand(context.shape[0], -1, -1)
+        squared_distances = None
+        if self.uses_locality:
+            if centres is None:
+                raise ValueError("the locality bias needs the splat centres")
+            offsets = self.positions.to(centres.dtype)[None, :, None, :] - centres[:, None, :, :]  # [B, K, N, 2]
+            squared_distances = offsets.pow(2).sum(-1)
         ignore = ~valid
         for layer in self.layers:
-            latents = layer(latents, context, ignore)
+            latents = layer(latents, context, ignore, squared_distances)
         return latents
 
 
@@ -253,12 +401,23 @@ class SplatImageEncoder(nn.Module):
         self.register_buffer("frequencies", octaves, persistent=False)
 
         self.embed = nn.Linear(num_features * (1 + 2 * config.fourier_frequencies), width)
+        initial_latents = positions = None
+        if config.latents == "teacher_grid":
+            grid = patch_grid_size(visual)
+            side = latent_grid_side(config.num_latents, grid)
+            positions = latent_positions(side, grid)
+            patch_positions = visual.positional_embedding.detach()[1:].float().unsqueeze(0)  # [1, G, W]
+            initial_latents = pool_patch_grid(patch_positions, grid, side)[0]
         self.resampler = PerceiverResampler(
-            width, config.num_latents, config.resampler_layers, config.resampler_heads, config.mlp_ratio
+            width, config.num_latents, config.resampler_layers, config.resampler_heads, config.mlp_ratio,
+            initial_latents=initial_latents, positions=positions, locality_width=config.locality_width,
         )
         first = visual.class_embedding.detach() + visual.positional_embedding.detach()[0]
         self.class_embedding = nn.Parameter(first.clone())
-        self.norm_pre = nn.RMSNorm(width)
+        if config.norm_pre == "teacher_ln":
+            self.norm_pre = copy.deepcopy(visual.ln_pre).requires_grad_(True)
+        else:
+            self.norm_pre = nn.RMSNorm(width)
         for block in blocks[config.unfreeze_first_blocks :]:
             block.requires_grad_(False)
         trained = [copy.deepcopy(block).requires_grad_(True) for block in blocks[: config.unfreeze_first_blocks]]
@@ -281,15 +440,28 @@ class SplatImageEncoder(nn.Module):
     def feature_stats(self) -> FeatureStats:
         return FeatureStats(self.feature_mean.clone(), self.feature_std.clone(), int(self.feature_count))
 
-    def embed_splats(self, splats: Splats, height: int | None = None, width: int | None = None) -> Tensor:
-        """Step 1: standardized, Fourier-encoded and projected splats, ``[B, N, width]``."""
+    def embed_splats(
+        self, splats: Splats, height: int | None = None, width: int | None = None
+    ) -> tuple[Tensor, Tensor]:  # [B, N, width], [B, N, 2]
+        """Step 1: standardized, Fourier-encoded and projected splats, and their centres in ``[-1, 1]``."""
         if splats.channels != self.channels:
             raise ValueError(f"the encoder reads {self.channels}-channel splats, got {splats.channels}")
         dtype = self.embed.weight.dtype
         features = splat_features(splats, height or self.height, width or self.width).to(dtype)
         standardized = (features - self.feature_mean) / self.feature_std
         standardized = torch.where(splats.valid.unsqueeze(-1), standardized, 0.0)
-        return self.embed(fourier_features(standardized, self.frequencies.to(dtype)))
+        return self.embed(fourier_features(standardized, self.frequencies.to(dtype))), features[..., :2]
+
+    def block_inputs(self, splats: Splats, height: int | None = None, width: int | None = None) -> Tensor:
+        """Steps 1-3: the tokens the RGB blocks read, ``[B, 1 + K, width]`` (CLS first), after ``norm_pre``.
+
+        With ``latents: teacher_grid`` they line up with the RGB ViT's own block inputs
+        (:func:`teacher_block_inputs`), which token distillation matches.
+        """
+        context, centres = self.embed_splats(splats, height, width)
+        latents = self.resampler(context, splats.valid, centres)
+        cls = self.class_embedding.to(latents.dtype).view(1, 1, -1).expand(latents.shape[0], -1, -1)
+        return self.norm_pre(torch.cat([cls, latents], 1))
 
     def forward(
         self,
@@ -304,10 +476,7 @@ class SplatImageEncoder(nn.Module):
 
         ``height`` and ``width`` default to the image size the encoder was built for.
         """
-        context = self.embed_splats(splats, height, width)
-        latents = self.resampler(context, splats.valid)
-        cls = self.class_embedding.to(latents.dtype).view(1, 1, -1).expand(latents.shape[0], -1, -1)
-        tokens = self.norm_pre(torch.cat([cls, latents], 1))
+        tokens = self.block_inputs(splats, height, width)
         if not self.batch_first:
             tokens = tokens.transpose(0, 1)
         for block in self.blocks:

@@ -133,6 +133,10 @@ def plot_zero_shot_against_ratio(evaluation: dict, title: str = "Zero-shot accur
     for row in levels:
         axis.annotate(f"N={row['splats']}", (row["ratio_payload"], 100 * row["top1"]), fontsize=8,
                       textcoords="offset points", xytext=(4, 4))
+    backs = [row for row in levels if row.get("render_back")]
+    if backs:
+        axis.plot([row["ratio_payload"] for row in backs], [100 * row["render_back"]["top1"] for row in backs],
+                  marker="x", linestyle=":", label="RGB on the splats rendered back")
     for method, marker in (("jpeg", "s"), ("thumbnail", "^")):
         rows = [row for row in evaluation.get("baselines", []) if row["method"] == method]
         if rows:
@@ -151,6 +155,65 @@ def plot_zero_shot_against_ratio(evaluation: dict, title: str = "Zero-shot accur
     axis.set_ylabel("zero-shot top-1 (%)")
     axis.set_title(title)
     axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def plot_relative_accuracy(evaluation: dict, paper_levels: dict[float, float], title: str = "") -> Figure:
+    """Finding (c): zero-shot top-1 relative to RGB pixels against compression ratio, ours (tower and
+    render-back) beside the paper's (``paper_levels``: ratio -> relative accuracy)."""
+    figure, axis = new_figure(figsize=(7, 4.2))
+    rgb_top1 = evaluation["rgb"]["top1"]
+    levels = sorted(evaluation["levels"].values(), key=lambda row: row["ratio_payload"])
+    ratios = [row["ratio_payload"] for row in levels]
+    axis.plot(ratios, [row["top1"] / rgb_top1 for row in levels], marker="o", label="ours: splat tower")
+    for ratio, row in zip(ratios, levels):
+        axis.annotate(f"{row['top1'] / rgb_top1:.2f}", (ratio, row["top1"] / rgb_top1), fontsize=8,
+                      color="C0", textcoords="offset points", xytext=(-24, 6))
+    if all(row.get("render_back") for row in levels):
+        axis.plot(ratios, [row["render_back"]["top1"] / rgb_top1 for row in levels], marker="x", linestyle=":",
+                  label="ours: RGB model on the splats rendered back")
+    paper_ratios = sorted(paper_levels)
+    axis.plot(paper_ratios, [paper_levels[r] for r in paper_ratios], marker="s", color="black",
+              label="paper (v2, ViT-B/16, mean of 38 sets)")
+    for ratio in paper_ratios:
+        axis.annotate(f"{paper_levels[ratio]:.2f}", (ratio, paper_levels[ratio]), fontsize=8,
+                      textcoords="offset points", xytext=(4, -12))
+    axis.axhline(1.0, color="grey", linestyle="--", linewidth=0.8)
+    axis.set_xscale("log")
+    ticks = sorted({round(r, 1) for r in ratios})
+    axis.minorticks_off()
+    axis.set_xticks(ticks, labels=[f"{t:g}x" for t in ticks], fontsize=8)
+    axis.set_xlabel("compression ratio")
+    axis.set_ylabel("top-1 / top-1 of RGB pixels")
+    axis.set_title(title or "Relative zero-shot accuracy against compression")
+    axis.legend(fontsize=8, loc="lower left")
+    figure.tight_layout()
+    return figure
+
+
+def plot_tower_against_render_back(evaluation: dict, title: str = "") -> Figure:
+    """Finding (d): at every level, the splat tower beside the RGB model on the same splats rendered
+    back to pixels, and on a thumbnail and a JPEG of the same bytes."""
+    levels = sorted(evaluation["levels"].items(), key=lambda item: item[1]["ratio_payload"])
+    baselines = {(row["method"], row["level"]): row for row in evaluation.get("baselines", [])}
+    series = {"splat tower": [100 * row["top1"] for _, row in levels]}
+    if all(row.get("render_back") for _, row in levels):
+        series["RGB on splats rendered back"] = [100 * row["render_back"]["top1"] for _, row in levels]
+    for method in ("thumbnail", "jpeg"):
+        if all((method, name) in baselines for name, _ in levels):
+            series[f"RGB on {method}, same bytes"] = [100 * baselines[(method, name)]["top1"] for name, _ in levels]
+    figure, axis = new_figure(figsize=(7.5, 4.2))
+    width = 0.8 / len(series)
+    for index, (label, values) in enumerate(series.items()):
+        offsets = [i + (index - (len(series) - 1) / 2) * width for i in range(len(levels))]
+        bars = axis.bar(offsets, values, width, label=label)
+        axis.bar_label(bars, fmt="%.1f", fontsize=7)
+    axis.axhline(100 * evaluation["rgb"]["top1"], color="black", linestyle="--", linewidth=0.8, label="RGB pixels")
+    axis.set_xticks(range(len(levels)), [f"{name}\n{row['ratio_payload']:.1f}x" for name, row in levels])
+    axis.set_ylabel("zero-shot top-1 (%)")
+    axis.set_title(title or "The tower against its own splats rendered back")
+    axis.legend(fontsize=7, loc="lower left")
     figure.tight_layout()
     return figure
 

@@ -58,7 +58,8 @@ def fitting_throughput(collected: dict[str, Any]) -> dict[str, float]:
 
 
 def results_table(collected: dict[str, Any]) -> pd.DataFrame:
-    """One row per evaluation set and representation: bytes, ratio, zero-shot top-1 and top-5.
+    """One row per evaluation set and representation: bytes, ratio, zero-shot top-1 and top-5; each
+    splat level is followed by its render-back control (the RGB model on the splats drawn back).
 
     The README's table. ``set`` is the evaluation split (``eval``: the labelled evaluation shards;
     ``imagenet``: the ImageNet-style folder).
@@ -83,6 +84,16 @@ def results_table(collected: dict[str, Any]) -> pd.DataFrame:
                 "top1": level["top1"],
                 "top5": level["top5"],
             })
+            back = level.get("render_back")
+            if back:
+                rows.append({
+                    "set": split,
+                    "representation": f"splats {name} rendered back, RGB model",
+                    "bytes": level["payload_bytes"],
+                    "ratio": level["ratio_payload"],
+                    "top1": back["top1"],
+                    "top5": back["top5"],
+                })
         for row in scores.get("baselines", []):
             over = row.get("over_budget_images", 0)
             note = f" (over budget: {over} of {row['images']} images)" if over else ""

@@ -4,10 +4,13 @@ Two training stages, each run by :func:`gsclip_lib.training.loop.train` (checkpo
 identical resume, DDP when the world size is above 1), with its own checkpoint folder
 ``align.checkpoint_dir/N<count>/{distill,contrastive}``:
 
-1. **Distillation** (:class:`gsclip_lib.training.alignment.DistillationObjective`): the RGB image
-   tower (the teacher) sees the image, the splat tower (the student, running the teacher's frozen
-   blocks) sees that image's splats. The teacher is frozen, in eval mode and sees no augmentation,
-   so its embedding of every training image is computed once before the stage.
+1. **Distillation**: the RGB image tower (the teacher) sees the image, the splat tower (the
+   student, running the teacher's frozen blocks) sees that image's splats. With
+   ``align.distill_target: tokens`` (the default) the student's block inputs are matched to the
+   teacher's (:class:`gsclip_lib.training.alignment.TokenDistillationObjective`); with ``embedding``
+   the final embeddings are (:class:`gsclip_lib.training.alignment.DistillationObjective`). The
+   teacher is frozen, in eval mode and sees no augmentation, so its targets for every training image
+   are computed once before the stage.
 2. **Contrastive alignment** (:class:`gsclip_lib.training.alignment.ContrastiveObjective`): CLIP's
    loss between splat embeddings and the frozen text tower's caption embeddings, with a learnable
    temperature that starts at the RGB model's.
@@ -52,9 +55,11 @@ from gsclip_lib.stages.runner import StageResult
 from gsclip_lib.training.alignment import (
     ContrastiveObjective,
     DistillationObjective,
+    TokenDistillationObjective,
     call_objective,
     make_epoch_batches,
     teacher_embeddings,
+    teacher_tokens,
 )
 from gsclip_lib.training.loop import train
 from gsclip_lib.training.objectives import caption_table, clamp_logit_scale
@@ -197,9 +202,15 @@ def align_level(
         torch.manual_seed(align_config.distill.seed)
         encoder = build_splat_encoder(rgb, encoder_config, stats, (data.height, data.width)).to(device)
 
-    # Stage 1: distillation against the teacher's embeddings of the same images.
-    targets = teacher_embeddings(rgb, data.images)
-    distill = DistillationObjective(encoder)
+    # Stage 1: distillation against the teacher's view of the same images: its block inputs
+    # (tokens) or its embedding. Token distillation leaves the blocks, norm_post and proj unused.
+    if align_config.distill_target == "tokens":
+        side = int(round(encoder_config.num_latents**0.5))
+        targets = teacher_tokens(rgb, data.images, side)
+        distill = TokenDistillationObjective(encoder)
+    else:
+        targets = teacher_embeddings(rgb, data.images)
+        distill = DistillationObjective(encoder)
     batches, steps = make_epoch_batches(
         data.splats, align_config.distill.batch_size, align_config.distill.seed, targets=targets
     )
@@ -213,6 +224,7 @@ def align_level(
         description=f"distill {level_name(count)}",
         progress=progress,
         device=device,
+        find_unused_parameters=align_config.distill_target == "tokens",
     )
 
     # Stage 2: contrastive alignment with the captions.
@@ -256,6 +268,7 @@ def align_level(
         "image_skips": data.image_skips.as_dict(),
         "feature_stats": stats.as_dict(),
         "encoder_config": encoder_config.model_dump(),
+        "distill_target": align_config.distill_target,
         "unfreeze_text_last_block": align_config.unfreeze_text_last_block,
         "cache_text_embeddings": contrastive.caption_embeddings is not None,
         "distinct_captions": len(distinct),

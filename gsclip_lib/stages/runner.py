@@ -102,6 +102,16 @@ class StageRun:
 
             display(table)
 
+    def show_markdown(self, lines: list[str] | str) -> None:
+        """Show Markdown in a notebook (several lines as a bulleted list); print it elsewhere."""
+        text = lines if isinstance(lines, str) else "\n".join(f"- {line}" for line in lines)
+        if in_notebook():
+            from IPython.display import Markdown, display
+
+            display(Markdown(text))
+        else:
+            print(text)
+
     def finish(self, result: StageResult) -> dict[str, Any]:
         """Save what :meth:`show` did not, then write ``metrics.json``; return the metrics."""
         for name, figure in result.figures.items():

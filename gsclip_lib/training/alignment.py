@@ -1,9 +1,14 @@
 """The two training stages of the alignment, per level (METHOD.md section 3).
 
-1. :class:`DistillationObjective`: the splat student's L2-normalized embedding against the RGB
-   teacher's embedding of the same image, ``|t - s|^2 = 2 - 2 cos(t, s)`` averaged over the batch (the
-   paper's MSE between normalized CLS embeddings, summed over the D dimensions instead of averaged,
-   so its value reads as a cosine). The teacher's targets come from :func:`teacher_embeddings`.
+1. Distillation, one of two targets (``align.distill_target``):
+
+   - ``embedding``, :class:`DistillationObjective`: the splat student's L2-normalized embedding
+     against the RGB teacher's embedding of the same image, ``|t - s|^2 = 2 - 2 cos(t, s)`` averaged
+     over the batch (the paper's MSE between normalized CLS embeddings, summed over the D dimensions
+     instead of averaged, so its value reads as a cosine); targets from :func:`teacher_embeddings`;
+   - ``tokens``, :class:`TokenDistillationObjective`: the K + 1 tokens the student hands the frozen
+     blocks against the teacher's own block inputs for the image (:func:`teacher_tokens`), each
+     latent matched to its cell of the patch grid; the relative squared error per token.
 2. :class:`ContrastiveObjective`: CLIP's loss between splat embeddings and the frozen text tower's
    caption embeddings, with the splat CLIP's own learnable temperature.
 
@@ -22,7 +27,7 @@ from torch import Tensor, nn
 
 from gsclip_lib import distributed
 from gsclip_lib.models.splat_clip import SplatClip
-from gsclip_lib.models.splat_encoder import SplatImageEncoder
+from gsclip_lib.models.splat_encoder import SplatImageEncoder, teacher_block_inputs
 from gsclip_lib.splats.container import Splats
 from gsclip_lib.training.batching import epoch_permutation, steps_per_epoch
 
@@ -34,7 +39,7 @@ class AlignBatch:
     """A batch of either stage: splats, plus teacher targets (stage 1) or caption ids (stage 2)."""
 
     splats: Splats  # [B, N]
-    targets: Tensor | None = None  # [B, D] L2-normalized teacher embeddings
+    targets: Tensor | None = None  # [B, D] L2-normalized teacher embeddings, or [B, 1 + K, W] its block inputs
     caption_ids: Tensor | None = None  # [B] int64, rows of the objective's caption tables
 
     def to(self, device: torch.device | str) -> "AlignBatch":
@@ -83,6 +88,52 @@ def teacher_embeddings(rgb: Any, images: Tensor, chunk: int = ENCODE_CHUNK) -> T
     finally:
         model.train(was_training)
     return torch.cat(outputs)
+
+
+@torch.no_grad()
+def teacher_tokens(rgb: Any, images: Tensor, side: int, chunk: int = ENCODE_CHUNK) -> Tensor:  # [M, 1 + side^2, W]
+    """The RGB ViT's block inputs for ``images`` ([M, C, S, S] in [0, 1]), patch tokens averaged into
+    the ``side x side`` latent cells (:func:`gsclip_lib.models.splat_encoder.teacher_block_inputs`);
+    on the CPU. They need only the patch embedding and ``ln_pre``, none of the blocks."""
+    visual = rgb.model.visual
+    device = next(rgb.model.parameters()).device
+    was_training = visual.training
+    visual.eval()
+    try:
+        outputs = [
+            teacher_block_inputs(visual, rgb.prepare_images(images[i : i + chunk].to(device)), side).cpu()
+            for i in range(0, images.shape[0], chunk)
+        ]
+    finally:
+        visual.train(was_training)
+    return torch.cat(outputs)
+
+
+def relative_token_error(tokens: Tensor, targets: Tensor) -> Tensor:  # [B, T, W] twice -> [B, T]
+    """``|s - t|^2 / |t|^2`` per token: the squared error relative to the target's own size."""
+    return (tokens - targets).pow(2).sum(-1) / targets.pow(2).sum(-1).clamp_min(1e-12)
+
+
+class TokenDistillationObjective(nn.Module):
+    """Stage 1 with ``align.distill_target: tokens``: the student's block inputs (CLS and K latents,
+    after ``norm_pre``) against the teacher's (:func:`teacher_tokens`), mean relative squared error.
+
+    The frozen blocks are not run: the student learns to write what they are used to reading, and
+    the blocks then carry it to the embedding as they do for the teacher.
+    """
+
+    def __init__(self, student: SplatImageEncoder) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, batch: AlignBatch) -> tuple[Tensor, dict[str, float]]:
+        device = self.student.class_embedding.device
+        batch = batch.to(device)
+        tokens = self.student.block_inputs(batch.splats)
+        if tokens.shape != batch.targets.shape:
+            raise ValueError(f"the student writes {tuple(tokens.shape)} tokens, the targets are {tuple(batch.targets.shape)}")
+        loss = relative_token_error(tokens, batch.targets).mean()
+        return loss, {"relative_error": float(loss.detach())}
 
 
 class DistillationObjective(nn.Module):

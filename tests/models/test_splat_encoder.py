@@ -1,4 +1,5 @@
-"""The splat image tower: shapes, masking of invalid splats, statistics, shared blocks, parameter shares."""
+"""The splat image tower: shapes, masking of invalid splats, statistics, shared blocks, parameter shares,
+latents tied to the patch grid, the locality bias and the teacher's block inputs."""
 
 import math
 from functools import partial
@@ -13,10 +14,15 @@ from gsclip_lib.models.splat_encoder import (
     build_splat_encoder,
     fit_feature_statistics,
     fourier_features,
+    latent_grid_side,
+    latent_positions,
     load_splat_encoder,
     parameter_shares,
+    patch_grid_size,
+    pool_patch_grid,
     save_splat_encoder,
     splat_features,
+    teacher_block_inputs,
     text_last_block_parameters,
 )
 from gsclip_lib.splats.container import Splats
@@ -128,7 +134,7 @@ def test_feature_statistics_use_only_valid_splats(splats_in_image):
 
 
 def test_statistics_are_in_the_state_dict_and_restored(rgb, stats, tmp_path, defaults, splats_in_image):
-    encoder = build_splat_encoder(rgb, defaults.encoder(num_latents=5, unfreeze_first_blocks=1), stats, SIZE)
+    encoder = build_splat_encoder(rgb, defaults.encoder(num_latents=5, unfreeze_first_blocks=1, latents="learned", locality_width=0.0), stats, SIZE)
     assert torch.equal(encoder.state_dict()["feature_mean"], stats.mean)
     assert torch.equal(encoder.state_dict()["feature_std"], stats.std)
     with torch.no_grad():
@@ -192,3 +198,92 @@ def test_bad_configs_are_refused(rgb, stats, defaults, splats_in_image):
     with pytest.raises(ValueError, match="1-channel"):
         encoder(splats_in_image(1, 4, channels=3))
     assert isinstance(encoder.feature_stats(), FeatureStats)
+
+
+# ----------------------------------------------------------------------------------------------
+# Latents tied to the RGB ViT's patch grid, the locality bias, the teacher's block inputs
+
+
+def test_teacher_block_inputs_are_what_the_first_block_reads(rgb):
+    visual = rgb.model.visual
+    images = rgb.prepare_images(torch.rand(3, 1, SIZE, SIZE))
+    seen = {}
+    hook = visual.transformer.register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0]))
+    try:
+        with torch.no_grad():
+            visual.eval()
+            visual(images)
+    finally:
+        hook.remove()
+    grid = patch_grid_size(visual)
+    with torch.no_grad():
+        mine = teacher_block_inputs(visual, images)
+        pooled = teacher_block_inputs(visual, images, side=2)
+    first_block_input = seen["x"] if getattr(visual.transformer, "batch_first", True) else seen["x"].transpose(0, 1)
+    torch.testing.assert_close(mine, first_block_input)
+    assert mine.shape == (3, 1 + grid[0] * grid[1], visual.class_embedding.shape[0])
+    assert pooled.shape == (3, 1 + 4, mine.shape[-1])
+    torch.testing.assert_close(pooled[:, 0], mine[:, 0])  # the class token is never pooled
+
+
+def test_pooling_averages_the_patch_cells_and_places_the_latents():
+    tokens = torch.arange(16.0).view(1, 16, 1)  # a 4x4 grid, row-major
+    torch.testing.assert_close(pool_patch_grid(tokens, (4, 4), 2).flatten(), torch.tensor([2.5, 4.5, 10.5, 12.5]))
+    assert pool_patch_grid(tokens, (4, 4), 4) is tokens
+    torch.testing.assert_close(latent_positions(2, (4, 4)), torch.tensor([[-0.5, -0.5], [0.5, -0.5], [-0.5, 0.5], [0.5, 0.5]]))
+    four = latent_positions(4, (4, 4))
+    torch.testing.assert_close(four[1], torch.tensor([-0.25, -0.75]))  # row 0, column 1: x right of y
+    assert latent_grid_side(16, (4, 4)) == 4
+    for bad in (5, 25):
+        with pytest.raises(ValueError, match="num_latents = s\\^2"):
+            latent_grid_side(bad, (4, 4))
+
+
+def test_teacher_grid_latents_start_at_the_patch_positions(rgb, stats, defaults):
+    visual = rgb.model.visual
+    encoder = build_splat_encoder(rgb, defaults.encoder(latents="teacher_grid", num_latents=16), stats, SIZE)
+    torch.testing.assert_close(encoder.resampler.latent_embedding.detach(), visual.positional_embedding.detach()[1:])
+    small = build_splat_encoder(rgb, defaults.encoder(latents="teacher_grid", num_latents=4), stats, SIZE)
+    expected = pool_patch_grid(visual.positional_embedding.detach()[1:].unsqueeze(0), patch_grid_size(visual), 2)[0]
+    torch.testing.assert_close(small.resampler.latent_embedding.detach(), expected)
+
+
+def test_teacher_ln_is_a_trainable_copy(rgb, stats, defaults, splats_in_image):
+    ln_pre = rgb.model.visual.ln_pre
+    before = [p.detach().clone() for p in ln_pre.parameters()]
+    encoder = build_splat_encoder(rgb, defaults.encoder(norm_pre="teacher_ln"), stats, SIZE)
+    assert encoder.norm_pre is not ln_pre
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(encoder.norm_pre.parameters(), ln_pre.parameters()))
+    encoder.block_inputs(splats_in_image(2, 6)).square().sum().backward()
+    assert all(p.grad is not None for p in encoder.norm_pre.parameters())
+    assert all(p.grad is None for p in ln_pre.parameters())
+    assert all(torch.equal(b, p) for b, p in zip(before, ln_pre.parameters()))
+
+
+def test_the_locality_bias_keeps_latents_on_their_own_splats(rgb, stats, defaults):
+    """With a narrow bias, a latent in the top-left corner hardly notices a splat in the bottom-right
+    corner; without it, it does."""
+    def corner_splats(colour: float) -> Splats:
+        positions = torch.tensor([[[2.0, 2.0], [26.0, 26.0]]])
+        cholesky = torch.tensor([[[1.5, 0.0, 1.5], [1.5, 0.0, 1.5]]])
+        colours = torch.tensor([[[0.8], [colour]]])
+        return Splats.from_tensors(positions, cholesky, colours)
+
+    def top_left_change(locality_width: float) -> float:
+        config = defaults.encoder(latents="teacher_grid", num_latents=16, locality_width=locality_width)
+        encoder = build_splat_encoder(rgb, config, stats, SIZE)
+        with torch.no_grad():
+            first, second = (encoder.block_inputs(corner_splats(c))[0, 1] for c in (0.0, 1.0))  # latent 0: top left
+        return float((first - second).norm() / first.norm())
+
+    assert top_left_change(0.05) < 1e-4
+    assert top_left_change(0.0) > 1e-3
+
+
+def test_locality_and_token_distillation_need_the_grid(defaults):
+    with pytest.raises(ConfigError, match="locality_width > 0 needs latents: teacher_grid"):
+        defaults.encoder(latents="learned", locality_width=0.5)
+    with pytest.raises(ConfigError, match="distill_target: tokens needs encoder.latents: teacher_grid"):
+        defaults.values.align.replace(
+            distill_target="tokens", encoder=defaults.encoder(latents="learned", locality_width=0.0)
+        )

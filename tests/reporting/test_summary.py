@@ -35,8 +35,9 @@ def reports(tmp_path):
             "contrastive": {"history": [{"step": 0, "loss": 3.0}]},
         })
     level = {"payload_bytes": 264, "ratio_payload": 2.9697, **_scores(0.7)}
+    with_render_back = {**level, "render_back": _scores(0.75)}
     write_json(tmp_path / "evaluate/metrics.json", {"stage_seconds": 30.0, "sets": {
-        "eval": {"classes": 10, "rgb": {"source_bytes": 784, **_scores(0.83)}, "levels": {"N22": level},
+        "eval": {"classes": 10, "rgb": {"source_bytes": 784, **_scores(0.83)}, "levels": {"N22": with_render_back},
                  "baselines": [{"level": "N22", "method": "jpeg", "mean_bytes": 261.6, "over_budget_images": 0,
                                 "images": 1000, **_scores(0.8)},
                                {"level": "N22", "method": "thumbnail", "mean_bytes": 300.0, "over_budget_images": 7,
@@ -55,13 +56,14 @@ def params(reports, defaults):
 def test_results_table_has_a_row_per_set_and_representation(params):
     collected = collect_reports(params)
     table = results_table(collected)
-    assert list(table["set"]) == ["eval"] * 4 + ["imagenet"] * 2
+    assert list(table["set"]) == ["eval"] * 5 + ["imagenet"] * 2
     assert list(table["representation"]) == [
-        "RGB pixels", "splats N22", "jpeg at N22 budget", "thumbnail at N22 budget (over budget: 7 of 1000 images)",
+        "RGB pixels", "splats N22", "splats N22 rendered back, RGB model", "jpeg at N22 budget",
+        "thumbnail at N22 budget (over budget: 7 of 1000 images)",
         "RGB pixels", "splats N22",
     ]
-    assert list(table["top1"]) == [83.0, 70.0, 80.0, 60.0, 90.0, 70.0]
-    assert table["ratio"].tolist()[:3] == [1.0, 2.97, 3.0]
+    assert list(table["top1"]) == [83.0, 70.0, 75.0, 80.0, 60.0, 90.0, 70.0]
+    assert table["ratio"].tolist()[:4] == [1.0, 2.97, 2.97, 3.0]
     text = markdown_table(table)
     assert text.splitlines()[0] == "| set | representation | bytes | ratio | top1 | top5 |"
     assert "| eval | jpeg at N22 budget | 261.6 | 3.0 | 80.0 | 100.0 |" in text

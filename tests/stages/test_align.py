@@ -22,7 +22,9 @@ from gsclip_lib.training.alignment import (
     AlignBatch,
     ContrastiveObjective,
     DistillationObjective,
+    TokenDistillationObjective,
     teacher_embeddings,
+    teacher_tokens,
 )
 from gsclip_lib.training.objectives import caption_table
 
@@ -37,7 +39,7 @@ def configs():
     from gsclip_lib.params import load_params
 
     params = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
-    encoder = params.align.encoder.replace(num_latents=8, resampler_layers=2, resampler_heads=2, fourier_frequencies=4)
+    encoder = params.align.encoder.replace(num_latents=4, resampler_layers=2, resampler_heads=2, fourier_frequencies=4)
 
     def optim(epochs: int, batch_size: int = COUNT, lr: float = 3e-3):
         return params.align.distill.replace(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=0.0,
@@ -232,3 +234,27 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(shards, tmp_path, monke
     assert resumed.metrics["contrastive"]["resumed_from_step"] > 0
     for (name, mine), (_, theirs) in zip(resumed.clip.state_dict().items(), straight.clip.state_dict().items()):
         assert torch.equal(mine, theirs), name
+
+
+def test_token_distillation_matches_block_inputs_without_running_the_blocks(data, configs, make_rgb):
+    rgb = make_rgb()
+    stats = fit_feature_statistics([data.splats], height=SIZE, width=SIZE)
+    encoder = build_splat_encoder(rgb, configs.encoder.replace(unfreeze_first_blocks=1), stats, SIZE)
+    side = int(configs.encoder.num_latents**0.5)
+    targets = teacher_tokens(rgb, data.images, side)
+    width = rgb.model.visual.class_embedding.shape[0]
+    assert targets.shape == (COUNT, 1 + configs.encoder.num_latents, width)
+    objective = TokenDistillationObjective(encoder)
+    loss, metrics = objective(AlignBatch(data.splats, targets=targets))
+    assert float(loss.detach()) > 0 and metrics["relative_error"] == pytest.approx(float(loss.detach()))
+    loss.backward()
+    assert all(p.grad is None for p in encoder.blocks[0].parameters()), "the blocks must not run"
+    assert all(p.grad is None for p in encoder.proj.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.resampler.parameters())
+    with torch.no_grad():
+        own = encoder.block_inputs(data.splats)
+        assert float(objective(AlignBatch(data.splats, targets=own))[0]) == 0.0
+        doubled = objective(AlignBatch(data.splats, targets=2 * own))[0]
+    assert float(doubled) == pytest.approx(0.25, rel=1e-5)  # |s - 2s|^2 / |2s|^2
+    with pytest.raises(ValueError, match="tokens, the targets are"):
+        objective(AlignBatch(data.splats, targets=targets[:, :2]))
