@@ -39,7 +39,6 @@ import datetime
 import gc
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -50,6 +49,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from benchmarks.machine import machine_info as common_machine_info
 from gsclip_lib.atomic_files import write_json
 from gsclip_lib.data.fashion_mnist import IDX_IMAGES_MAGIC, read_idx
 from gsclip_lib.data.photos import load_photos
@@ -694,17 +694,6 @@ def rasterizer_targets(section: dict[str, Any]) -> dict[str, Any]:
 # --- machine, summary, main -------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as stream:
-            for line in stream:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _git(*args: str) -> subprocess.CompletedProcess | None:
     try:  # read-only: no index refresh is written (--no-optional-locks)
         return subprocess.run(["git", "--no-optional-locks", *args], cwd=ROOT, capture_output=True, text=True, timeout=20)
@@ -723,13 +712,7 @@ def git_describe() -> str | None:
 
 def machine_info() -> dict[str, Any]:
     return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_model": _cpu_model(),
-        "torch_version": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
+        **common_machine_info(),
         "cpu_kernel_available": cpu_kernel_available(),
         "GSCLIP_COMPILE": os.environ.get("GSCLIP_COMPILE", "unset (compiled)"),
         "compile_enabled": compile_enabled(),

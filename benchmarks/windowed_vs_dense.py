@@ -33,7 +33,6 @@ import gc
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from benchmarks.machine import machine_info as common_machine_info
 from gsclip_lib.data.fashion_mnist import IDX_IMAGES_MAGIC, read_idx
 from gsclip_lib.params import load_params
 from gsclip_lib.splats.fitting import fit_splats
@@ -494,17 +494,6 @@ def evaluate_targets(small: dict[str, Any], photos: dict[str, Any]) -> dict[str,
     }
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as stream:
-            for line in stream:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _git_revision() -> str | None:
     try:
         here = Path(__file__).resolve().parent
@@ -518,13 +507,7 @@ def _git_revision() -> str | None:
 
 def machine_info() -> dict[str, Any]:
     return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_model": _cpu_model(),
-        "torch_version": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
+        **common_machine_info(),
         "device": "cpu",
         "cuda_available": torch.cuda.is_available(),
         "GSCLIP_COMPILE": os.environ.get("GSCLIP_COMPILE", "1 (unset: default)"),
