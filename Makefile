@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PROFILE ?=
 
-.PHONY: repro test venv data report bench lint clean-venv
+.PHONY: repro test venv data report bench gpu-check lint clean-venv
 
 # The embedded default's data: Debian's dataset-fashion-mnist (MIT). Its folder is a parameter
 # (data.fashion_mnist_dir in params.yaml); the package is installed only into its default folder.
@@ -63,6 +63,12 @@ lint: $(STAMP)
 bench: $(STAMP)
 	. $(BIN)/activate && python -m benchmarks.fitting --out benchmarks/fitting.json
 	. $(BIN)/activate && python -m benchmarks.windowed_vs_dense --out benchmarks/windowed_vs_dense.json
+
+# The Triton rasterizers (dense and tile-culled) against the PyTorch twin at the paper's shapes, and
+# their speed, on one GPU in under 5 minutes (benchmarks/gpu_check.json). Without CUDA it says so,
+# writes only the CPU-side evaluation counts and roofline estimate, and exits 0.
+gpu-check: $(STAMP)
+	. $(BIN)/activate && python -m benchmarks.gpu_check --out benchmarks/gpu_check.json
 
 clean-venv:
 	rm -rf $(VENV)
