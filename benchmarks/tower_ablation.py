@@ -116,8 +116,8 @@ def run_variant(params_path: str | Path, name: str, level: int, work_dir: Path, 
     params = variant_params(params_path, overrides, folder)
     rgb = create_rgb_clip(teacher_model_config(params))
     started, cpu_started = time.perf_counter(), time.process_time()
-    result = align_level(rgb, str(params.splat_dir(level, "train")), params.data.train_spec(), params.align,
-                         params.data, progress=progress, level=level)
+    result = align_level(rgb, str(params.splat_dir(level, "train")), params.align, params.data,
+                         progress=progress, level=level)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     scores = score_tower(params, rgb, result.path, level)
     metrics = result.metrics

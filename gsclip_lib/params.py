@@ -79,6 +79,16 @@ class OptimConfig(ConfigModel):
     grad_clip: float = Field(ge=0)  # max global gradient norm; 0 disables
     seed: int = Field(ge=0)
     log_every: int = PositiveInt  # optimizer steps between rows of the history
+    checkpoint_every: int = Field(ge=0)  # steps between mid-epoch checkpoints; 0: at epoch ends only
+
+
+class LoaderConfig(ConfigModel):
+    """How a training stage streams its shards (:mod:`gsclip_lib.data.streaming`; ``pretrain.loader``,
+    ``align.loader``)."""
+
+    num_workers: int = Field(ge=0)  # DataLoader worker processes per rank; 0: read in the training process
+    shuffle_buffer: int = Field(ge=0)  # raw samples held for shuffling, per worker; 0: shard order
+    samples_per_epoch: int = Field(ge=0)  # the split's samples per epoch; 0: count them from the tar headers
 
 
 class SplatEncoderConfig(ConfigModel):
@@ -220,6 +230,7 @@ class PretrainConfig(ConfigModel):
 
     checkpoint_dir: str = Field(min_length=1)  # last.pt (resumable) and model.pt (the result)
     optim: OptimConfig
+    loader: LoaderConfig
 
     def model_path(self) -> Path:
         return Path(self.checkpoint_dir) / "model.pt"
@@ -233,7 +244,9 @@ class AlignConfig(ConfigModel):
     distill: OptimConfig  # stage 1 (paper: 2 epochs)
     contrastive: OptimConfig  # stage 2 (paper: 5 epochs)
     unfreeze_text_last_block: bool  # also train a copy of the text tower's last block
-    cache_text_embeddings: bool  # frozen text tower: encode each distinct caption once
+    cache_text_embeddings: bool  # frozen text tower: keep the embeddings of recent captions
+    text_cache_size: int = PositiveInt  # captions whose embeddings are kept (least recently used go first)
+    loader: LoaderConfig
     checkpoint_dir: str = Field(min_length=1)  # N<count>/{distill,contrastive}/last.pt, splat_encoder.pt
 
     @model_validator(mode="after")

@@ -77,7 +77,9 @@ SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # PIL's errors for bytes it cannot read: truncated data (OSError), broken headers (SyntaxError,
 # ValueError, EOFError), images over its pixel limit.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
-_REPRODUCIBLE_MTIME = 0.0  # tar member times: fixed, so the same samples give the same bytes
+# Tar member times: fixed, so the same samples give the same bytes; an int, because Python's tarfile
+# writes a float time as an extra PAX header before every member, which halves the reading speed.
+_REPRODUCIBLE_MTIME = 0
 
 # A shard spec: a glob, a brace pattern, a folder, one path or URL, or a list of any of these.
 ShardSpec = str | os.PathLike | Sequence[str | os.PathLike]
@@ -121,11 +123,12 @@ class SkipCounts:
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 
+    # Plain attribute arithmetic: these run once per sample read, where dataclasses.asdict's deep copy shows.
     def __add__(self, other: "SkipCounts") -> "SkipCounts":
-        return SkipCounts(**{name: value + getattr(other, name) for name, value in self.as_dict().items()})
+        return SkipCounts(*(getattr(self, name) + getattr(other, name) for name in _COUNT_FIELDS))
 
     def __sub__(self, other: "SkipCounts") -> "SkipCounts":
-        return SkipCounts(**{name: value - getattr(other, name) for name, value in self.as_dict().items()})
+        return SkipCounts(*(getattr(self, name) - getattr(other, name) for name in _COUNT_FIELDS))
 
     @classmethod
     def total(cls, counts: Iterable["SkipCounts"]) -> "SkipCounts":
@@ -135,7 +138,8 @@ class SkipCounts:
         return result
 
 
-REASONS = tuple(f.name for f in dataclasses.fields(SkipCounts) if f.name != "good")
+_COUNT_FIELDS = tuple(f.name for f in dataclasses.fields(SkipCounts))
+REASONS = tuple(name for name in _COUNT_FIELDS if name != "good")
 
 
 class SkipSample(Exception):
@@ -479,6 +483,7 @@ class ImageTextSample:
     metadata: dict[str, Any]  # the sample's .json, as stored
     url: str  # the shard it came from
     skips: SkipCounts = field(default_factory=SkipCounts)
+    encoded: "EncodedImage | None" = None  # the image member's bytes as stored (splat shards carry them on)
 
 
 @dataclass
@@ -544,7 +549,8 @@ class ImageTextShards(ShardDataset):
         metadata, label = decode_metadata(members)
         image = decode_image(members[extension], self.channels, self.image_size, self.resize_mode)
         return ImageTextSample(
-            key=raw.key, image=image, caption=caption, label=label, metadata=metadata, url=raw.url
+            key=raw.key, image=image, caption=caption, label=label, metadata=metadata, url=raw.url,
+            encoded=EncodedImage(members[extension], extension),
         )
 
 

@@ -4,6 +4,9 @@ A splat shard mirrors the image shard it was fitted from, one sample per image, 
 
 - ``<key>.gs``: the image's splats as one :mod:`gsclip_lib.splats.codec` record (fp16, header);
 - ``<key>.txt``: the caption, as in the image shard;
+- ``<key>.<image extension>``: the source image's bytes as stored in the image shard (``png``,
+  ``jpg``, ...), so that training pairs a splat sample with its image and caption without any
+  global index (:func:`decode_paired_sample`);
 - ``<key>.json``: ``N`` (splats stored), ``C``, ``H``, ``W``, ``psnr`` (dB of the fit, before fp16;
   null when no image was at hand to measure it), ``bytes`` (the whole record), ``payload_bytes``
   (the paper's ``N * (5 + C) * 2``), ``source_key``, ``source_shard``, ``label``, ``image_size`` and
@@ -36,8 +39,10 @@ from torch import Tensor
 
 from gsclip_lib.atomic_files import atomic_output
 from gsclip_lib.distributed import resolve_rank
+from gsclip_lib.data.image_decoding import IMAGE_EXTENSIONS
 from gsclip_lib.data.image_text_shards import (
     CAPTION_EXTENSION,
+    EncodedImage,
     METADATA_EXTENSION,
     ShardSpec,
     ImageTextSample,
@@ -47,6 +52,7 @@ from gsclip_lib.data.image_text_shards import (
     SkipCounts,
     SkipSample,
     decode_caption,
+    decode_image,
     decode_metadata,
     expand_shard_spec,
     iter_tar_samples,
@@ -59,7 +65,7 @@ from gsclip_lib.splats.container import Splats
 logger = logging.getLogger(__name__)
 
 SPLAT_EXTENSION = "gs"
-_REPRODUCIBLE_MTIME = 0.0
+_REPRODUCIBLE_MTIME = 0  # an int: a float time costs an extra PAX header per member (image_text_shards)
 
 # ----------------------------------------------------------------------------------------------
 # Reading
@@ -77,6 +83,7 @@ class SplatSample:
     metadata: dict[str, Any]  # the sample's .json
     url: str
     skips: SkipCounts = field(default_factory=SkipCounts)
+    image: EncodedImage | None = None  # the source image's stored bytes, when the shard carries them
 
     @property
     def num_splats(self) -> int:
@@ -108,6 +115,7 @@ def decode_splat_sample(raw: RawSample) -> SplatSample:
         decoded = decode_splats(record)
     except CodecError as error:
         raise SkipSample("bad_splats", str(error)) from None
+    image_extension = next((ext for ext in IMAGE_EXTENSIONS if raw.members.get(ext)), None)
     return SplatSample(
         key=raw.key,
         splats=decoded.splats,
@@ -118,6 +126,7 @@ def decode_splat_sample(raw: RawSample) -> SplatSample:
         label=label,
         metadata=metadata,
         url=raw.url,
+        image=EncodedImage(raw.members[image_extension], image_extension) if image_extension else None,
     )
 
 
@@ -169,6 +178,49 @@ def collate_splats(samples: Sequence[SplatSample], num_slots: int | None = None)
         record_bytes=torch.tensor([len(sample.record) for sample in samples], dtype=torch.int64),
         skips=SkipCounts.total(sample.skips for sample in samples),
     )
+
+
+@dataclass
+class PairedSample:
+    """A splat sample with its source image decoded: what the alignment trains on."""
+
+    key: str
+    record: bytes  # the stored codec record
+    image: Tensor | None  # [C, H, W] float32 in [0, 1]; None when the decoder was asked not to decode it
+    caption: str
+    label: int | None
+    skips: SkipCounts = field(default_factory=SkipCounts)
+
+
+@dataclass(frozen=True)
+class PairedDecoder:
+    """Decodes one sample of a splat shard into a :class:`PairedSample`: its splat record, and the
+    image it was fitted from (carried in the same sample), read as ``data.image_size`` and
+    ``data.channels`` say; with ``with_image=False`` (the contrastive stage, which never looks at
+    pixels) the image is not decoded. Picklable, for DataLoader workers."""
+
+    image_size: int
+    channels: int
+    resize_mode: str
+    with_image: bool = True
+
+    def __call__(self, raw: RawSample) -> PairedSample:
+        sample = decode_splat_sample(raw)
+        if not self.with_image:
+            return PairedSample(key=sample.key, record=sample.record, image=None, caption=sample.caption,
+                                label=sample.label)
+        if sample.image is None:
+            raise SkipSample("no_image", f"splat sample {raw.key!r} carries no source image (fitted before "
+                                         "splat shards carried their images: rerun fit and prune)")
+        image = decode_image(sample.image.data, self.channels, self.image_size, self.resize_mode)
+        expected = (sample.splats.channels, sample.height, sample.width)
+        if tuple(image.shape) != expected:
+            raise InputError(
+                f"the image of {raw.key!r} reads as {tuple(image.shape)}, its splats describe {expected}: "
+                "data.image_size, data.channels and data.resize_mode must be those the splats were fitted with"
+            )
+        return PairedSample(key=sample.key, record=sample.record, image=image, caption=sample.caption,
+                            label=sample.label)
 
 
 def verify_splat_shard(path: str | os.PathLike) -> int:
@@ -239,15 +291,17 @@ class SplatShardWriter:
         self.samples = 0
         self.record_bytes = 0
 
-    def write(self, key: str, record: bytes, caption: str, metadata: dict[str, Any]) -> None:
-        self._tar.write(
-            {
-                "__key__": key,
-                SPLAT_EXTENSION: record,
-                CAPTION_EXTENSION: caption.encode("utf-8"),
-                METADATA_EXTENSION: json.dumps(metadata, allow_nan=False).encode("utf-8"),
-            }
-        )
+    def write(self, key: str, record: bytes, caption: str, metadata: dict[str, Any],
+              image: EncodedImage | None = None) -> None:
+        sample = {
+            "__key__": key,
+            SPLAT_EXTENSION: record,
+            CAPTION_EXTENSION: caption.encode("utf-8"),
+            METADATA_EXTENSION: json.dumps(metadata, allow_nan=False).encode("utf-8"),
+        }
+        if image is not None:
+            sample[image.extension] = image.data
+        self._tar.write(sample)
         self.samples += 1
         self.record_bytes += len(record)
 

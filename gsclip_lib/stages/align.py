@@ -1,7 +1,6 @@
 """Stage ``align@N``: a splat image tower aligned to the RGB CLIP, one level at a time (METHOD.md 2-3).
 
-Two training stages, each run by :func:`gsclip_lib.training.loop.train` (checkpoint every epoch,
-identical resume, DDP when the world size is above 1), with its own checkpoint folder
+Two training stages, each run by :func:`gsclip_lib.training.loop.train` (checkpoints, identical resume, DDP when the world size is above 1), with its own checkpoint folder
 ``align.checkpoint_dir/N<count>/{distill,contrastive}``:
 
 1. **Distillation**: the RGB image tower (the teacher) sees the image, the splat tower (the
@@ -9,154 +8,91 @@ identical resume, DDP when the world size is above 1), with its own checkpoint f
    ``align.distill_target: tokens`` (the default) the student's block inputs are matched to the
    teacher's (:class:`gsclip_lib.training.alignment.TokenDistillationObjective`); with ``embedding``
    the final embeddings are (:class:`gsclip_lib.training.alignment.DistillationObjective`). The
-   teacher is frozen, in eval mode and sees no augmentation, so its targets for every training image
-   are computed once before the stage.
+   teacher is frozen and in eval mode; its targets are computed batch by batch as the stream goes
+   (token targets need only its patch embedding and ``ln_pre``: cheaper than storing them).
 2. **Contrastive alignment** (:class:`gsclip_lib.training.alignment.ContrastiveObjective`): CLIP's
    loss between splat embeddings and the frozen text tower's caption embeddings, with a learnable
    temperature that starts at the RGB model's.
 
-Data. Both stages read the same pairs, held in memory (:func:`load_paired_data`): the level's splat
-shards (this rank's share) and the image shards they were fitted from, matched by the splat sample's
-``source_shard`` and ``source_key`` metadata. The trained tower is saved as
+Data. Both stages stream the level's splat shards (:mod:`gsclip_lib.data.streaming`, ``align.loader``):
+every splat sample carries the image it was fitted from and its caption
+(:class:`gsclip_lib.data.splat_shards.PairedDecoder`), so pairing needs no index and memory does not
+grow with the data set. Each stage checkpoints every ``checkpoint_every`` steps and resumes
+mid-epoch on the same batches. The feature statistics of the splat encoder's input come from the
+first :data:`STATISTICS_SAMPLES` samples of every rank. The trained tower is saved as
 ``align.checkpoint_dir/N<count>/splat_encoder.pt``; :func:`gsclip_lib.models.splat_clip.load_splat_clip`
 rebuilds the whole splat CLIP from it.
 """
 
 from __future__ import annotations
 
-import os
+import functools
+import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 import torch
 from torch import Tensor
 
 from gsclip_lib import distributed
-from gsclip_lib.data.image_text_shards import ImageTextShards, ShardSpec, SkipCounts, expand_shard_spec
-from gsclip_lib.data.splat_shards import collate_splats, splat_dataset
+from gsclip_lib.data.image_text_shards import ShardSpec, SkipCounts, expand_shard_spec
+from gsclip_lib.data.splat_shards import SPLAT_EXTENSION, PairedDecoder, collate_splats, splat_dataset
+from gsclip_lib.data.streaming import SkipTally, StreamPlan, check_enough_shards, epoch_batches, rank_steps_per_epoch
 from gsclip_lib.errors import InputError
 from gsclip_lib.models.rgb_clip import create_rgb_clip
 from gsclip_lib.models.splat_clip import SplatClip, TextTower
 from gsclip_lib.models.splat_encoder import (
+    FeatureStats,
     SplatImageEncoder,
     build_splat_encoder,
     fit_feature_statistics,
     parameter_shares,
     save_splat_encoder,
 )
-from gsclip_lib.params import AlignConfig, DataConfig, Params, level_name
-from gsclip_lib.progress import progress_bar
+from gsclip_lib.params import AlignConfig, DataConfig, LoaderConfig, OptimConfig, Params, level_name
 from gsclip_lib.reporting import figures, paper
-from gsclip_lib.splats.container import Splats
 from gsclip_lib.stages.runner import StageResult
 from gsclip_lib.training.alignment import (
+    AlignBatch,
     ContrastiveObjective,
     DistillationObjective,
     TokenDistillationObjective,
     call_objective,
-    make_epoch_batches,
+    collate_pairs,
     teacher_embeddings,
     teacher_tokens,
 )
 from gsclip_lib.training.loop import train
-from gsclip_lib.training.objectives import caption_table, clamp_logit_scale
+from gsclip_lib.training.objectives import clamp_logit_scale
 
 
-@dataclass
-class PairedData:
-    """One rank's splat/image/caption triples, in memory, in splat-shard order."""
-
-    splats: Splats  # [M, N_max] on the CPU, padding slots invalid
-    images: Tensor  # [M, C, S, S] float in [0, 1]
-    captions: list[str]
-    labels: Tensor  # [M] int64, -1 without a label
-    keys: list[str]
-    height: int
-    width: int
-    unpaired: int = 0  # splat samples whose image was not found (left out)
-    splat_skips: SkipCounts = field(default_factory=SkipCounts)
-    image_skips: SkipCounts = field(default_factory=SkipCounts)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    @property
-    def level(self) -> int:
-        """The largest splat count of an image: the level's N."""
-        return int(self.splats.counts().max()) if len(self) else 0
+STATISTICS_SAMPLES = 8192  # splat samples per rank that the feature statistics are measured on
 
 
-def load_paired_data(
-    level_spec: ShardSpec,
-    image_spec: ShardSpec,
-    data_config: DataConfig,
-    *,
-    rank: int | None = None,
-    world_size: int | None = None,
-    progress: bool = False,
-) -> PairedData:
-    """This rank's splat samples of ``level_spec`` with their images from ``image_spec``.
+def paired_stream(level_spec: ShardSpec, optim: OptimConfig, loader: LoaderConfig, *, rank: int,
+                  world_size: int) -> StreamPlan:
+    """How this rank streams a level's splat shards for one training stage."""
+    shards = expand_shard_spec(level_spec)
+    check_enough_shards(shards, world_size, loader.num_workers, f"splat shards {level_spec!r}")
+    return StreamPlan(shards=tuple(shards), batch_size=optim.batch_size, seed=optim.seed, rank=rank,
+                      world_size=world_size, num_workers=loader.num_workers, shuffle_buffer=loader.shuffle_buffer)
 
-    Images are read as ``data_config`` says; the splats must describe images of that size.
-    """
+
+def measure_feature_statistics(level_spec: ShardSpec, rank: int, world_size: int) -> tuple[FeatureStats, int, int, int]:
+    """``(stats, N, H, W)``: the splat feature statistics over the first :data:`STATISTICS_SAMPLES`
+    samples of every rank's shards (summed over ranks), the level's splat count and the image size."""
     dataset = splat_dataset(level_spec, rank=rank, world_size=world_size, split_by_worker=False)
-    samples = list(progress_bar(dataset, desc="read splats", disable=not progress))
-    splat_skips = dataset.skip_counts
+    samples = list(itertools.islice(dataset, STATISTICS_SAMPLES))
     if not samples:
-        raise InputError(f"no splat samples in {level_spec!r} for this rank")
-    wanted: dict[tuple[str | None, str], int] = {}
-    shard_names: set[str] = set()
-    for index, sample in enumerate(samples):
-        shard = sample.metadata.get("source_shard")
-        if shard is not None:
-            shard_names.add(str(shard))
-        wanted[(shard, str(sample.metadata.get("source_key", sample.key)))] = index
-    any_shard = any(shard is None for shard, _ in wanted)
-    urls = [
-        url for url in expand_shard_spec(image_spec) if any_shard or os.path.basename(url) in shard_names
-    ]
-    reader = ImageTextShards(
-        urls,
-        image_size=data_config.image_size,
-        resize_mode=data_config.resize_mode,
-        channels=data_config.channels,
-        rank=0,
-        world_size=1,
-        split_by_worker=False,
+        raise InputError(f"rank {rank} of {world_size} found no readable splat sample in {level_spec!r}")
+    count = max(sample.num_splats for sample in samples)
+    stats = fit_feature_statistics(
+        [collate_splats(samples[i : i + 1024]) for i in range(0, len(samples), 1024)]
     )
-    images: dict[int, Tensor] = {}
-    for sample in progress_bar(reader, desc="read images", disable=not progress):
-        shard = os.path.basename(sample.url)
-        index = wanted.get((shard, sample.key), wanted.get((None, sample.key)))
-        if index is not None:
-            images[index] = sample.image
-    paired = sorted(images)
-    kept = [samples[i] for i in paired]
-    if not kept:
-        raise InputError(f"none of the {len(samples)} splat samples found its image in {image_spec!r}")
-    batch = collate_splats(kept)
-    stacked = torch.stack([images[i] for i in paired])
-    if tuple(stacked.shape[-2:]) != (batch.height, batch.width) or stacked.shape[1] != batch.splats.channels:
-        raise InputError(
-            f"the images are {tuple(stacked.shape[1:])}, the splats describe "
-            f"{(batch.splats.channels, batch.height, batch.width)}: the image shards and data.image_size, "
-            "data.channels must be those the splats were fitted from"
-        )
-    return PairedData(
-        splats=batch.splats,
-        images=stacked,
-        captions=batch.captions,
-        labels=batch.labels,
-        keys=batch.keys,
-        height=batch.height,
-        width=batch.width,
-        unpaired=len(samples) - len(kept),
-        splat_skips=splat_skips,
-        image_skips=reader.skip_counts,
-    )
+    return stats, _largest_over_ranks(count), samples[0].height, samples[0].width
 
 
 @dataclass
@@ -170,7 +106,6 @@ class AlignResult:
 def align_level(
     rgb: Any,
     level_spec: ShardSpec,
-    image_spec: ShardSpec,
     align_config: AlignConfig,
     data_config: DataConfig,
     *,
@@ -189,31 +124,48 @@ def align_level(
     """
     start = time.perf_counter()
     device = torch.device(device) if device is not None else next(rgb.model.parameters()).device
+    rank, world_size = distributed.resolve_rank(rank, world_size)
     encoder_config = align_config.encoder
-    data = load_paired_data(level_spec, image_spec, data_config, rank=rank, world_size=world_size, progress=progress)
-    count = level if level is not None else _largest_over_ranks(data.level)
+    loader = align_config.loader
+    stats, largest, height, width = measure_feature_statistics(level_spec, rank, world_size)
+    count = level if level is not None else largest
     folder = align_config.level_dir(count)
-    stats = fit_feature_statistics(
-        [data.splats.index(slice(i, i + 4096)) for i in range(0, len(data), 4096)],
-        height=data.height,
-        width=data.width,
-    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(align_config.distill.seed)
-        encoder = build_splat_encoder(rgb, encoder_config, stats, (data.height, data.width)).to(device)
+        encoder = build_splat_encoder(rgb, encoder_config, stats, (height, width)).to(device)
+    collate = functools.partial(collate_pairs, num_slots=largest)
+    tallies = {"distill": SkipTally(), "contrastive": SkipTally()}
+
+    def stage_batches(stage: str, optim: OptimConfig, teacher_targets: Callable[[Tensor], Tensor] | None = None):
+        plan = paired_stream(level_spec, optim, loader, rank=rank, world_size=world_size)
+        decode = PairedDecoder(data_config.image_size, data_config.channels, data_config.resize_mode,
+                               with_image=teacher_targets is not None)
+        steps = distributed.all_reduce_min(rank_steps_per_epoch(plan, (SPLAT_EXTENSION,), loader.samples_per_epoch))
+        if steps < 1:
+            raise InputError(
+                f"a rank of {world_size} holds fewer splat samples than one batch of {optim.batch_size} in "
+                f"{level_spec!r}; lower align.{stage}.batch_size or use more data"
+            )
+
+        def batches(epoch: int, first: int) -> Iterator[AlignBatch]:
+            stream = tallies[stage].counted(epoch, epoch_batches(plan, decode, collate, epoch, first))
+            for batch in stream:
+                if teacher_targets is not None:  # computed per batch: memory does not grow with the data
+                    batch.targets = teacher_targets(batch.images)
+                yield batch
+
+        return batches, steps
 
     # Stage 1: distillation against the teacher's view of the same images: its block inputs
     # (tokens) or its embedding. Token distillation leaves the blocks, norm_post and proj unused.
     if align_config.distill_target == "tokens":
         side = int(round(encoder_config.num_latents**0.5))
-        targets = teacher_tokens(rgb, data.images, side)
+        targets = functools.partial(teacher_tokens, rgb, side=side)
         distill = TokenDistillationObjective(encoder)
     else:
-        targets = teacher_embeddings(rgb, data.images)
+        targets = functools.partial(teacher_embeddings, rgb)
         distill = DistillationObjective(encoder)
-    batches, steps = make_epoch_batches(
-        data.splats, align_config.distill.batch_size, align_config.distill.seed, targets=targets
-    )
+    batches, steps = stage_batches("distill", align_config.distill, targets)
     distill_result = train(
         distill,
         call_objective,
@@ -228,15 +180,11 @@ def align_level(
     )
 
     # Stage 2: contrastive alignment with the captions.
-    distinct, caption_ids = caption_table(data.captions)
     text = TextTower(rgb.model, train_last_block=align_config.unfreeze_text_last_block).to(device)
     clip = SplatClip(encoder, text, float(rgb.model.logit_scale.detach().reshape(-1)[0])).to(device)
-    contrastive = ContrastiveObjective(
-        clip, rgb.tokenizer(distinct), cache_text_embeddings=align_config.cache_text_embeddings
-    )
-    batches, steps = make_epoch_batches(
-        data.splats, align_config.contrastive.batch_size, align_config.contrastive.seed, caption_ids=caption_ids
-    )
+    cache_size = align_config.text_cache_size if align_config.cache_text_embeddings else 0
+    contrastive = ContrastiveObjective(clip, rgb.tokenizer, cache_size=cache_size)
+    batches, steps = stage_batches("contrastive", align_config.contrastive)
     contrastive_result = train(
         contrastive,
         call_objective,
@@ -260,18 +208,18 @@ def align_level(
             text_state=text.trained_state(),
         )
     distributed.barrier()
+    skipped = {stage: SkipCounts.total(distributed.all_gather_objects(tally.first_epoch())).as_dict()
+               for stage, tally in tallies.items()}
     metrics = {
         "level": count,
-        "pairs": len(data),
-        "unpaired": data.unpaired,
-        "splat_skips": data.splat_skips.as_dict(),
-        "image_skips": data.image_skips.as_dict(),
+        "pairs": steps * align_config.contrastive.batch_size * world_size,
+        "skipped": skipped,
         "feature_stats": stats.as_dict(),
         "encoder_config": encoder_config.model_dump(),
         "distill_target": align_config.distill_target,
         "unfreeze_text_last_block": align_config.unfreeze_text_last_block,
-        "cache_text_embeddings": contrastive.caption_embeddings is not None,
-        "distinct_captions": len(distinct),
+        "cache_text_embeddings": contrastive.cache is not None,
+        "text_cache": contrastive.cache_info(),
         "distill": _stage_metrics(distill_result),
         "contrastive": _stage_metrics(contrastive_result),
         "logit_scale": float(clip.temperature_scale().detach()),
@@ -309,7 +257,7 @@ def run(params: Params, *, level: int, progress: bool = True) -> StageResult:
         raise InputError(f"level {level} is none of the pipeline's levels {params.levels()}")
     rgb = create_rgb_clip(teacher_model_config(params))
     result = align_level(
-        rgb, str(params.splat_dir(level, "train")), params.data.train_spec(), params.align, params.data,
+        rgb, str(params.splat_dir(level, "train")), params.align, params.data,
         progress=progress, level=level,
     )
     metrics = result.metrics

@@ -32,7 +32,7 @@ import torch
 
 from gsclip_lib import distributed
 from gsclip_lib.atomic_files import write_json, write_text
-from gsclip_lib.data.image_text_shards import ImageTextSample, ImageTextShards, SkipCounts, expand_shard_spec
+from gsclip_lib.data.image_text_shards import EncodedImage, ImageTextSample, ImageTextShards, SkipCounts, expand_shard_spec
 from gsclip_lib.data.splat_shards import (
     SplatShardWriter,
     open_splat_shard,
@@ -92,9 +92,25 @@ class SplatShardStats:
             setattr(self, name, getattr(self, name) + record[name])
         self.skip_counts = self.skip_counts + SkipCounts(**record["skip_counts"])
 
+    def summed_over_ranks(self) -> "SplatShardStats":
+        """Every rank's statistics of the split added up (the slowest rank's seconds); itself in one
+        process. Every rank must call it: under torchrun a rank may hold none of a small split's shards."""
+        records = distributed.all_gather_objects(
+            (self.shard_record(), self.shards_written, self.shards_skipped, self.seconds)
+        )
+        if len(records) == 1:
+            return self
+        total = SplatShardStats()
+        for record, written, skipped, seconds in records:
+            total.merge(record)
+            total.shards_written += written
+            total.shards_skipped += skipped
+            total.seconds = max(total.seconds, seconds)
+        return total
+
     def add_sample(self, writer: SplatShardWriter, key: str, record: bytes, caption: str,
-                   metadata: dict[str, Any], quality: float) -> None:
-        writer.write(key, record, caption, metadata)
+                   metadata: dict[str, Any], quality: float, image: EncodedImage | None) -> None:
+        writer.write(key, record, caption, metadata, image)
         self.images += 1
         self.record_bytes += len(record)
         if math.isfinite(quality):
@@ -249,7 +265,7 @@ def fit_split(
         stats.merge(shard.shard_record())
         stats.shards_written += 1
     stats.seconds = time.perf_counter() - start
-    return stats
+    return stats.summed_over_ranks()
 
 
 def _fit_and_write(
@@ -302,7 +318,7 @@ def _fit_and_write(
             "image_size": data.image_size,
             "resize_mode": data.resize_mode,
         }
-        stats.add_sample(writer, sample.key, record, sample.caption, metadata, quality)
+        stats.add_sample(writer, sample.key, record, sample.caption, metadata, quality, sample.encoded)
 
 
 def fit_level(params: Params, *, progress: bool = True) -> dict:

@@ -7,12 +7,13 @@ open_clip does), AdamW, linear warm-up and cosine decay, here through :func:`gsc
 Under torchrun each rank reads its own shards and the loss is computed over the global batch
 (``ClipLoss(local_loss=False, gather_with_grad=True)``, open_clip's gather).
 
-The shard reader (:class:`gsclip_lib.data.image_text_shards.ImageTextShards`) is the source of the data; the
-default set (6,000 images of 28x28) is read once into memory and reshuffled every epoch from the
-seed and the epoch, which is what makes a resumed run equal an uninterrupted one. Captions are
-tokenized once; a batch encodes each distinct caption once and indexes the features (exactly the
-same loss and gradient as encoding every row; Fashion-MNIST's captions come from 80 sentences, so a
-batch of 64 holds about 44 distinct ones and a batch of 128 about 64; web captions lose nothing).
+The pairs are streamed from the shards (:mod:`gsclip_lib.data.streaming`, ``pretrain.loader``): an
+epoch is a seeded shuffle of this rank's shards and of a bounded buffer of samples, decoded as it
+goes, so memory does not grow with the data set, and a run resumed from a mid-epoch checkpoint
+(``pretrain.optim.checkpoint_every``) reads the same batches as an uninterrupted one. A batch encodes
+each distinct caption once and indexes the features (exactly the same loss and gradient as encoding
+every row; Fashion-MNIST's captions come from 80 sentences, so a batch of 64 holds about 44 distinct
+ones; web captions lose nothing).
 
 With an open_clip pretrained tag or a checkpoint in ``model``, the stage trains nothing: it exports
 those weights where the later stages look for the teacher (the paper's teacher is a finished CLIP).
@@ -21,71 +22,34 @@ those weights where the later stages look for the teacher (the paper's teacher i
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import pandas as pd
 import torch
 from open_clip import ClipLoss
-from torch import Tensor
 
 from gsclip_lib import distributed
-from gsclip_lib.data.image_text_shards import ImageTextShards, SkipCounts
+from gsclip_lib.data.image_decoding import IMAGE_EXTENSIONS
+from gsclip_lib.data.image_text_shards import ImageTextShards, ShardSpec, SkipCounts, collate_image_text
+from gsclip_lib.data.streaming import StreamPlan, SkipTally, check_enough_shards, epoch_batches, rank_steps_per_epoch
 from gsclip_lib.errors import InputError
-from gsclip_lib.models.rgb_clip import RgbClip, create_rgb_clip, save_rgb_clip
-from gsclip_lib.params import DataConfig, Params, PretrainConfig, RgbModelConfig
+from gsclip_lib.models.rgb_clip import create_rgb_clip, save_rgb_clip
+from gsclip_lib.params import DataConfig, LoaderConfig, OptimConfig, Params, PretrainConfig, RgbModelConfig
 from gsclip_lib.reporting import figures
 from gsclip_lib.stages.runner import StageResult
-from gsclip_lib.training.batching import epoch_permutation
 from gsclip_lib.training.loop import train
 from gsclip_lib.training.objectives import clamp_logit_scale, clip_loss_fn
 
 
-@dataclass
-class ImageTextSet:
-    """One rank's image-text pairs in memory, captions as indices into distinct token rows."""
-
-    images: Tensor  # [N, C, S, S] float32 in [0, 1]
-    caption_ids: Tensor  # [N] int64, rows of tokens
-    tokens: Tensor  # [U, context_length] int64, one row per distinct caption
-    keys: list[str]  # [N]
-    skips: SkipCounts
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-
-def load_image_text_set(spec: str, clip: RgbClip, data: DataConfig, *, rank: int = 0, world_size: int = 1) -> ImageTextSet:
-    """This rank's share of the shards at ``spec``, decoded once, captions tokenized once."""
-    dataset = ImageTextShards(spec, image_size=data.image_size, resize_mode=data.resize_mode,
-                              channels=data.channels, rank=rank, world_size=world_size)
-    images, captions, keys = [], [], []
-    for sample in dataset:
-        images.append(sample.image)
-        captions.append(sample.caption)
-        keys.append(sample.key)
-    if not images:
-        raise InputError(f"rank {rank} of {world_size} found no readable sample in {spec!r}")
-    distinct = sorted(set(captions))
-    index = {caption: i for i, caption in enumerate(distinct)}
-    return ImageTextSet(
-        images=torch.stack(images),
-        caption_ids=torch.tensor([index[c] for c in captions], dtype=torch.int64),
-        tokens=clip.tokenize(distinct),
-        keys=keys,
-        skips=dataset.skip_counts.copy(),
-    )
-
-
-def epoch_batches(
-    data: ImageTextSet, batch_size: int, epoch: int, seed: int, rank: int = 0
-) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """Shuffled full batches ``(images [B, C, S, S], caption_ids [B], tokens [U, L])`` of one epoch;
-    the order depends only on ``(seed, epoch, rank)``."""
-    order = epoch_permutation(len(data), seed, epoch, rank)
-    for start in range(0, len(order) - batch_size + 1, batch_size):
-        rows = order[start : start + batch_size]
-        yield data.images[rows], data.caption_ids[rows], data.tokens
+def image_text_stream(spec: ShardSpec, data: DataConfig, optim: OptimConfig, loader: LoaderConfig, *,
+                      rank: int, world_size: int) -> tuple[StreamPlan, ImageTextShards]:
+    """How this rank streams the training pairs: the plan of its epochs and the sample decoder."""
+    reader = ImageTextShards(spec, image_size=data.image_size, resize_mode=data.resize_mode, channels=data.channels,
+                             rank=rank, world_size=world_size)
+    check_enough_shards(reader.shards, world_size, loader.num_workers, f"pretrain shards {spec!r}")
+    plan = StreamPlan(shards=tuple(reader.shards), batch_size=optim.batch_size, seed=optim.seed, rank=rank,
+                      world_size=world_size, num_workers=loader.num_workers, shuffle_buffer=loader.shuffle_buffer)
+    return plan, reader
 
 
 def pretrain_rgb(model_config: RgbModelConfig, config: PretrainConfig, data: DataConfig, *,
@@ -95,25 +59,28 @@ def pretrain_rgb(model_config: RgbModelConfig, config: PretrainConfig, data: Dat
     Starts from the model's weights as ``model_config`` gives them (random by default; a pretrained
     tag or checkpoint fine-tunes). Resumes from ``checkpoint_dir/last.pt`` when it is there.
     Returns the metrics: final loss, steps, seconds, images per second, the history and the counts
-    of skipped samples.
+    of samples skipped in the first epoch this call ran.
     """
     rank, world_size = distributed.rank_and_world_size()
     optim = config.optim
     torch.manual_seed(optim.seed)  # the same initial weights on every rank and every run
     clip = create_rgb_clip(model_config)
-    pairs = load_image_text_set(data.train_spec(), clip, data, rank=rank, world_size=world_size)
-    steps_per_epoch = distributed.all_reduce_min(len(pairs) // optim.batch_size)
+    plan, reader = image_text_stream(data.train_spec(), data, optim, config.loader, rank=rank, world_size=world_size)
+    local_steps = rank_steps_per_epoch(plan, IMAGE_EXTENSIONS, config.loader.samples_per_epoch)
+    steps_per_epoch = distributed.all_reduce_min(local_steps)
     if steps_per_epoch < 1:
         raise InputError(
-            f"a rank holds {len(pairs)} images, fewer than one batch of {optim.batch_size}; "
-            "lower pretrain.optim.batch_size or use more data"
+            f"a rank of {world_size} holds fewer samples than one batch of {optim.batch_size} in "
+            f"{data.train_spec()!r}; lower pretrain.optim.batch_size or use more data"
         )
+    skips = SkipTally()
     loss = ClipLoss(local_loss=False, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world_size)
     started = time.perf_counter()
     result = train(
         clip.model,
         clip_loss_fn(clip, loss),
-        lambda epoch: epoch_batches(pairs, optim.batch_size, epoch, optim.seed, rank),
+        lambda epoch, start: skips.counted(epoch, epoch_batches(plan, reader.decode_sample, collate_image_text,
+                                                                 epoch, start)),
         steps_per_epoch,
         optim,
         config.checkpoint_dir,
@@ -129,14 +96,15 @@ def pretrain_rgb(model_config: RgbModelConfig, config: PretrainConfig, data: Dat
     distributed.barrier()
     steps_run = result.steps - result.resumed_from_step
     images_seen = steps_run * optim.batch_size * world_size
-    skips = SkipCounts.total(distributed.all_gather_objects(pairs.skips))
+    skipped = SkipCounts.total(distributed.all_gather_objects(skips.first_epoch()))
     return {
         "model": clip.name,
         "parameters": sum(p.numel() for p in clip.model.parameters()),
-        "train_images": skips.good,
-        "skipped": skips.as_dict(),
+        "train_images": steps_per_epoch * optim.batch_size * world_size,
+        "skipped": skipped.as_dict(),
         "world_size": world_size,
         "global_batch_size": optim.batch_size * world_size,
+        "steps_per_epoch": steps_per_epoch,
         "steps": result.steps,
         "resumed_from_step": result.resumed_from_step,
         "final_loss": result.history[-1]["loss"] if result.history else None,

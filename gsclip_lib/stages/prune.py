@@ -125,7 +125,7 @@ def prune_split(
         stats.merge(shard.shard_record())
         stats.shards_written += 1
     stats.seconds = time.perf_counter() - start
-    return stats
+    return stats.summed_over_ranks()
 
 
 def _source_images(first: SplatSample, image_shards: dict[str, str], data: DataConfig) -> SourceImages:
@@ -205,7 +205,7 @@ def _prune_and_write(
             pruned_from=sample.num_splats,
             refit_iterations=settings.iterations,
         )
-        stats.add_sample(writer, sample.key, record, sample.caption, metadata, quality)
+        stats.add_sample(writer, sample.key, record, sample.caption, metadata, quality, sample.image)
 
 
 def prune_cascade(params: Params, *, progress: bool = True) -> dict:

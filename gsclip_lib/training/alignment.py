@@ -12,13 +12,15 @@
 2. :class:`ContrastiveObjective`: CLIP's loss between splat embeddings and the frozen text tower's
    caption embeddings, with the splat CLIP's own learnable temperature.
 
-Both read :class:`AlignBatch` batches cut from an epoch's seeded order (:func:`make_epoch_batches`).
+Both read :class:`AlignBatch` batches streamed from the level's splat shards (:func:`collate_pairs`);
+the teacher's targets are computed per batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,51 +28,43 @@ from open_clip.loss import ClipLoss
 from torch import Tensor, nn
 
 from gsclip_lib import distributed
+from gsclip_lib.data.image_text_shards import SkipCounts
+from gsclip_lib.data.splat_shards import PairedSample
 from gsclip_lib.models.splat_clip import SplatClip
 from gsclip_lib.models.splat_encoder import SplatImageEncoder, teacher_block_inputs
+from gsclip_lib.splats.codec import decode_batch
 from gsclip_lib.splats.container import Splats
-from gsclip_lib.training.batching import epoch_permutation, steps_per_epoch
+from gsclip_lib.training.objectives import caption_table
 
-ENCODE_CHUNK = 256  # images or captions per no-grad forward when precomputing
+ENCODE_CHUNK = 256  # images per no-grad forward of the teacher
 
 
 @dataclass
 class AlignBatch:
-    """A batch of either stage: splats, plus teacher targets (stage 1) or caption ids (stage 2)."""
+    """A batch of either stage: splats with their images and captions; stage 1 adds the teacher's targets."""
 
     splats: Splats  # [B, N]
+    images: Tensor | None = None  # [B, C, H, W] float in [0, 1], what the splats were fitted to
+    captions: list[str] = field(default_factory=list)  # [B]
     targets: Tensor | None = None  # [B, D] L2-normalized teacher embeddings, or [B, 1 + K, W] its block inputs
-    caption_ids: Tensor | None = None  # [B] int64, rows of the objective's caption tables
+    skips: SkipCounts = field(default_factory=SkipCounts)  # bad samples met since the previous batch
 
     def to(self, device: torch.device | str) -> "AlignBatch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return AlignBatch(self.splats.to(device), move(self.targets), move(self.caption_ids))
+        return AlignBatch(self.splats.to(device), move(self.images), self.captions, move(self.targets), self.skips)
 
 
-def make_epoch_batches(
-    splats: Splats,
-    batch_size: int,
-    seed: int,
-    *,
-    targets: Tensor | None = None,
-    caption_ids: Tensor | None = None,
-) -> tuple[Callable[[int], Iterable[AlignBatch]], int]:
-    """``(batches, steps)``: ``batches(epoch)`` yields ``steps`` seeded batches of the pairs."""
-    count = splats.batch_size
-    steps = steps_per_epoch(count, batch_size)
-    size = min(batch_size, count)
-
-    def batches(epoch: int) -> Iterable[AlignBatch]:
-        order = epoch_permutation(count, seed, epoch)
-        for step in range(steps):
-            rows = order[step * size : (step + 1) * size]
-            yield AlignBatch(
-                splats=splats.index(rows),
-                targets=None if targets is None else targets[rows],
-                caption_ids=None if caption_ids is None else caption_ids[rows],
-            )
-
-    return batches, steps
+def collate_pairs(samples: Sequence[PairedSample], num_slots: int | None = None) -> AlignBatch:
+    """Stack a list of :class:`PairedSample` into an :class:`AlignBatch`, splats padded to ``num_slots``."""
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    splats, _, _ = decode_batch([sample.record for sample in samples], num_slots=num_slots)
+    return AlignBatch(
+        splats=splats,
+        images=None if samples[0].image is None else torch.stack([sample.image for sample in samples]),
+        captions=[sample.caption for sample in samples],
+        skips=SkipCounts.total(sample.skips for sample in samples),
+    )
 
 
 @torch.no_grad()
@@ -153,62 +147,93 @@ class DistillationObjective(nn.Module):
 
 
 class ContrastiveObjective(nn.Module):
-    """Stage 2: ``forward(batch) -> (loss, metrics)``, ClipLoss between splats and captions.
+    """Stage 2: ``forward(batch) -> (loss, metrics)``, ClipLoss between splats and the batch's captions.
 
-    The caption tables (tokens, and embeddings when cached) are plain tensors, not buffers: they
-    are this rank's own, and DDP would otherwise overwrite them with rank 0's.
+    With a frozen text tower and ``cache_size > 0`` the embeddings of the ``cache_size`` most
+    recently used captions are kept (:class:`CaptionEmbeddingCache`): memory stays bounded however
+    many distinct captions the data holds. The cache is a plain attribute, not a buffer: it is this
+    rank's own, and DDP would otherwise overwrite it with rank 0's.
     """
 
-    def __init__(
-        self,
-        clip: SplatClip,
-        caption_tokens: Tensor,  # [U, L] int64, one row per distinct caption
-        cache_text_embeddings: bool = True,
-    ) -> None:
+    def __init__(self, clip: SplatClip, tokenizer: Callable[[list[str]], Tensor], cache_size: int = 0) -> None:
         super().__init__()
         self.clip = clip
+        self.tokenizer = tokenizer
         rank, world_size = distributed.rank_and_world_size()
         self.loss = ClipLoss(gather_with_grad=True, rank=rank, world_size=world_size)
         self.text_frozen = not any(p.requires_grad for p in clip.text.parameters())
-        self.caption_tokens = caption_tokens
-        self.caption_embeddings: Tensor | None = None
-        if cache_text_embeddings and self.text_frozen:
-            self.caption_embeddings = self._encode_captions(caption_tokens)
+        self.cache = CaptionEmbeddingCache(cache_size) if cache_size > 0 and self.text_frozen else None
 
     @torch.no_grad()
-    def _encode_captions(self, tokens: Tensor) -> Tensor:  # [U, D] normalized, on the CPU
-        device = self.clip.logit_scale.device
+    def _encode_frozen(self, captions: list[str]) -> Tensor:  # [U, D] normalized
         was_training = self.clip.text.training
         self.clip.text.eval()
         try:
-            chunks = [
-                self.clip.encode_text(tokens[i : i + ENCODE_CHUNK].to(device), normalize=True).cpu()
-                for i in range(0, tokens.shape[0], ENCODE_CHUNK)
-            ]
+            return self.clip.encode_text(self.tokenizer(captions).to(self.clip.logit_scale.device), normalize=True)
         finally:
             self.clip.text.train(was_training)
-        return torch.cat(chunks)
 
-    def text_features(self, caption_ids: Tensor) -> Tensor:  # [B, D] normalized
+    def text_features(self, captions: list[str]) -> Tensor:  # [B, D] normalized
+        distinct, rows = caption_table(captions)
         device = self.clip.logit_scale.device
-        if self.caption_embeddings is not None:
-            return self.caption_embeddings[caption_ids.cpu()].to(device)
-        tokens = self.caption_tokens[caption_ids.cpu()].to(device)
+        if self.cache is not None:
+            return self.cache.lookup(distinct, self._encode_one).to(device)[rows.to(device)]
         if self.text_frozen:
-            with torch.no_grad():
-                return self.clip.encode_text(tokens, normalize=True)
-        return self.clip.encode_text(tokens, normalize=True)
+            features = self._encode_frozen(distinct)
+        else:
+            features = self.clip.encode_text(self.tokenizer(distinct).to(device), normalize=True)
+        return features[rows.to(device)]
+
+    def _encode_one(self, caption: str) -> Tensor:  # [D]
+        # One caption at a time: a cached embedding must not depend on which batch first met it,
+        # or a resumed run (which starts with an empty cache) would differ in the last bits.
+        return self._encode_frozen([caption])[0].cpu()
+
+    def cache_info(self) -> dict[str, int] | None:
+        return None if self.cache is None else self.cache.info()
 
     def forward(self, batch: AlignBatch) -> tuple[Tensor, dict[str, float]]:
         batch = batch.to(self.clip.logit_scale.device)
         image = self.clip.encode_image(batch.splats, normalize=True)
-        text = self.text_features(batch.caption_ids)
+        text = self.text_features(batch.captions)
         scale = self.clip.temperature_scale()
         loss = self.loss(image, text, scale)
         with torch.no_grad():
             logits = image @ text.T
             accuracy = (logits.argmax(-1) == torch.arange(len(logits), device=logits.device)).float().mean()
         return loss, {"logit_scale": float(scale.detach()), "batch_accuracy": float(accuracy)}
+
+
+class CaptionEmbeddingCache:
+    """The embeddings of the ``capacity`` most recently used captions, least recently used evicted first."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.entries: OrderedDict[str, Tensor] = OrderedDict()
+        self.hits = self.misses = self.evictions = 0
+
+    def lookup(self, captions: list[str], encode: Callable[[str], Tensor]) -> Tensor:  # [U, D]
+        rows = []
+        for caption in captions:
+            embedding = self.entries.get(caption)
+            if embedding is None:
+                self.misses += 1
+                embedding = encode(caption)
+                self.entries[caption] = embedding
+                if len(self.entries) > self.capacity:
+                    self.entries.popitem(last=False)
+                    self.evictions += 1
+            else:
+                self.hits += 1
+                self.entries.move_to_end(caption)
+            rows.append(embedding)
+        return torch.stack(rows)
+
+    def info(self) -> dict[str, int]:
+        return {"capacity": self.capacity, "size": len(self.entries), "hits": self.hits, "misses": self.misses,
+                "evictions": self.evictions}
 
 
 def call_objective(model: nn.Module, batch: AlignBatch) -> tuple[Tensor, dict[str, float]]:

@@ -5,15 +5,18 @@ METHOD.md section 2): AdamW without weight decay on gains, biases, embeddings an
 linear warm-up into a cosine decay to zero over all steps, gradient-norm clipping. On top of that it
 gives every stage the same guarantees:
 
-- **Resume equals uninterrupted.** At the end of every epoch ``checkpoint_dir/last.pt`` is written
-  atomically (:func:`gsclip_lib.atomic_files.save_torch`) with the trainable parameters and all buffers,
-  the optimizer and scheduler states, the step, the history and every rank's RNG states. A call that
-  finds ``last.pt`` continues from it, and ends with the same parameters as a run never
-  interrupted, provided ``batches(epoch)`` returns the same batches for the same epoch (derive any
-  shuffling from the seed and the epoch, not from a global RNG). A run killed mid-epoch restarts
-  that epoch. A call whose run is already complete loads the final state and returns at once.
+- **Resume equals uninterrupted, mid-epoch too.** Every ``checkpoint_every`` steps and at the end
+  of every epoch ``checkpoint_dir/last.pt`` is written atomically
+  (:func:`gsclip_lib.atomic_files.save_torch`) with the trainable parameters and all buffers, the
+  optimizer and scheduler states, the step, the history (and the half-filled log row) and every
+  rank's RNG states. A call that finds ``last.pt`` continues from it, and ends with the same
+  parameters as a run never interrupted, provided ``batches(epoch, start)`` returns, for the same
+  epoch, the same batches from batch ``start`` on (derive any shuffling from the seed and the epoch,
+  not from a global RNG; :mod:`gsclip_lib.data.streaming` fast-forwards a shard stream that way).
+  A run killed between checkpoints repeats at most ``checkpoint_every`` steps. A call whose run is
+  already complete loads the final state and returns at once.
 - **A checkpoint belongs to one run.** Resuming with a different ``OptimConfig`` (any field but
-  ``log_every``), ``steps_per_epoch``, world size or set of trainable parameters would silently
+  ``log_every`` and ``checkpoint_every``), ``steps_per_epoch``, world size or set of trainable parameters would silently
   mix two schedules, so it is refused with a ``ValueError`` that names the differences and the file
   (delete it, or pick another ``checkpoint_dir``, to start afresh).
 - **Frozen parameters stay bit-identical**: only ``requires_grad`` parameters reach the optimizer,
@@ -48,8 +51,8 @@ from gsclip_lib.params import OptimConfig
 
 CHECKPOINT_NAME = "last.pt"
 CHECKPOINT_FORMAT = "gsclip-train-checkpoint"
-CHECKPOINT_VERSION = 1
-_RESUME_EXEMPT_FIELDS = ("log_every",)  # changes what is logged, not what is trained
+CHECKPOINT_VERSION = 2  # 2: mid-epoch checkpoints (the log window is saved)
+_RESUME_EXEMPT_FIELDS = ("log_every", "checkpoint_every")  # change what is logged or saved, not what is trained
 _END = object()  # marks an exhausted batch iterator
 
 
@@ -113,7 +116,7 @@ def checkpoint_path(checkpoint_dir: str | Path) -> Path:
 def train(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.nn.Module, Any], tuple[Tensor, dict[str, float]]],
-    batches: Callable[[int], Iterable[Any]],  # epoch -> that epoch's batches, already split for this rank
+    batches: Callable[[int, int], Iterable[Any]],  # (epoch, start) -> that epoch's batches from batch start on, this rank's
     steps_per_epoch: int,
     config: OptimConfig,
     checkpoint_dir: str | Path,
@@ -127,8 +130,9 @@ def train(
     """Train ``model`` for ``config.epochs`` epochs of ``steps_per_epoch`` steps (see the module docstring).
 
     ``loss_fn(model, batch)`` returns the scalar loss and a dict of float metrics, logged as the mean
-    over the ``log_every`` steps of a row and over ranks. ``batches(epoch)`` (``epoch`` from 0) yields
-    at least ``steps_per_epoch`` batches; later ones are not used. ``device`` (default: where the
+    over the ``log_every`` steps of a row and over ranks. ``batches(epoch, start)``
+    (``epoch`` and ``start`` from 0) yields at least ``steps_per_epoch - start`` batches, the epoch's
+    batch ``start`` first; later ones are not used. ``device`` (default: where the
     model's parameters are) is where the model is moved; moving batches is ``loss_fn``'s job.
     ``after_step(model)`` runs after every optimizer step on the unwrapped model (e.g. to clamp
     CLIP's temperature). ``find_unused_parameters`` is passed to DDP for models whose forward
@@ -164,17 +168,21 @@ def train(
         total=total_steps, initial=run.step, desc=description, disable=not (progress and rank == 0), unit="step"
     )
     window = _LogWindow()
+    window.load(run.window)
+    every = config.checkpoint_every
     try:
         for epoch in range(run.epoch, config.epochs):
             epoch_started = time.perf_counter()
-            iterator = iter(batches(epoch))
-            for index in range(steps_per_epoch):
+            start = run.step - epoch * steps_per_epoch  # > 0 when resuming a mid-epoch checkpoint
+            seconds_before = run.seconds
+            iterator = iter(batches(epoch, start))
+            for index in range(start, steps_per_epoch):
                 batch = next(iterator, _END)
                 _check_batch_available(batch is not _END, description, epoch, index, steps_per_epoch, world_size)
                 loss, metrics = loss_fn(wrapped, batch)
                 loss_value = distributed.all_reduce_mean(loss.detach().float()).item()
                 if not math.isfinite(loss_value):
-                    kept = f"{path} holds the state after epoch {run.epoch}" if run.epoch else "no checkpoint written"
+                    kept = f"{path} holds the state after step {run.saved_step}" if run.saved_step else "no checkpoint written"
                     raise NonFiniteLossError(
                         f"{description}: the loss is {loss_value} at step {run.step + 1} of {total_steps} "
                         f"(epoch {epoch + 1}, batch {index + 1}); stopped, {kept}"
@@ -193,19 +201,23 @@ def train(
                 if after_step is not None:
                     after_step(model)
                 window.add(loss_value, metrics, grad_norm)
-                # A row every log_every steps and at every epoch's end, so no row straddles a
-                # checkpoint and a resumed run logs exactly what an uninterrupted one does.
+                run.seconds = seconds_before + time.perf_counter() - epoch_started
+                # A row every log_every steps and at every epoch's end; a half-filled row is saved
+                # with a mid-epoch checkpoint, so a resumed run logs exactly what an uninterrupted one does.
                 if run.step % config.log_every == 0 or index == steps_per_epoch - 1:
                     row = window.row(run.step, run.step / steps_per_epoch, lr)
-                    row["seconds"] = round(run.seconds + time.perf_counter() - epoch_started, 3)
+                    row["seconds"] = round(run.seconds, 3)
                     run.history.append(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
-            run.epoch = epoch + 1
-            run.seconds += time.perf_counter() - epoch_started
-            _check_replicas_agree(model, description, run.epoch, world_size)
-            _save_checkpoint(path, model, optimizer, scheduler, config, steps_per_epoch, world_size, rank, run,
-                             description)
+                if index == steps_per_epoch - 1:
+                    run.epoch = epoch + 1
+                if index == steps_per_epoch - 1 or (every and run.step % every == 0):
+                    _check_replicas_agree(model, description, run.step, world_size)
+                    run.window = window.state()
+                    _save_checkpoint(path, model, optimizer, scheduler, config, steps_per_epoch, world_size, rank,
+                                     run, description)
+                    run.saved_step = run.step
     finally:
         bar.close()
     return TrainResult(
@@ -224,8 +236,10 @@ def train(
 class _RunState:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # epochs completed
-    seconds: float = 0.0  # training time of the completed epochs, over all calls
+    seconds: float = 0.0  # training time up to ``step``, over all calls
     history: list[dict] = field(default_factory=list)
+    window: dict = field(default_factory=dict)  # the log row being filled when the checkpoint was written
+    saved_step: int = 0  # the step of the last checkpoint on disk
 
 
 class _LogWindow:
@@ -239,6 +253,14 @@ class _LogWindow:
         self.loss = 0.0  # already the mean over ranks, step by step
         self.metrics: dict[str, float] = {}
         self.grad_norm = 0.0
+
+    def state(self) -> dict:
+        return {"count": self.count, "loss": self.loss, "metrics": dict(self.metrics), "grad_norm": self.grad_norm}
+
+    def load(self, state: dict) -> None:
+        if state:
+            self.count, self.loss, self.grad_norm = state["count"], state["loss"], state["grad_norm"]
+            self.metrics = dict(state["metrics"])
 
     def add(self, loss: float, metrics: dict[str, float], grad_norm: float | None) -> None:
         self.count += 1
@@ -345,6 +367,7 @@ def _save_checkpoint(
             "epoch": run.epoch,
             "seconds": run.seconds,
             "history": run.history,
+            "log_window": run.window,
             "trainable": [name for name, _ in trainable_parameters(model)],
             "model": _trainable_state(model),
             "optimizer": optimizer.state_dict(),
@@ -363,6 +386,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a training checkpoint written by gsclip_lib.training.loop.train")
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(
+            f"{path} is a training checkpoint of format version {checkpoint.get('version')}, this code reads "
+            f"version {CHECKPOINT_VERSION}: delete it to start afresh"
+        )
     return checkpoint
 
 
@@ -413,6 +441,8 @@ def _resume(
         epoch=checkpoint["epoch"],
         seconds=checkpoint.get("seconds", 0.0),
         history=list(checkpoint["history"]),
+        window=dict(checkpoint.get("log_window") or {}),
+        saved_step=checkpoint["step"],
     )
 
 
@@ -423,7 +453,7 @@ def _first_difference(a: list[str], b: list[str]) -> str:
     return f"{len(a)} vs {len(b)} names"
 
 
-def _check_replicas_agree(model: torch.nn.Module, description: str, epoch: int, world_size: int) -> None:
+def _check_replicas_agree(model: torch.nn.Module, description: str, step: int, world_size: int) -> None:
     """Under DDP, raise unless every rank holds the same trainable parameters (a cheap checksum)."""
     if world_size == 1:
         return
@@ -435,7 +465,7 @@ def _check_replicas_agree(model: torch.nn.Module, description: str, epoch: int, 
     high = -distributed.all_reduce_min(-float(checksum))
     if low != high:
         raise RuntimeError(
-            f"{description}: the ranks' parameters differ after epoch {epoch} (checksums {low} to {high}). "
+            f"{description}: the ranks' parameters differ after step {step} (checksums {low} to {high}). "
             "Gradients were not averaged: loss_fn must call the model it receives (DDP's forward), "
             "not a method of model.module."
         )

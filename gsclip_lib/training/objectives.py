@@ -11,7 +11,7 @@ as open_clip does (:func:`clamp_logit_scale`). The alignment's own objectives ar
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from open_clip.loss import ClipLoss
@@ -29,13 +29,13 @@ def clamp_logit_scale(holder: nn.Module) -> None:
 
 
 def clip_loss_fn(clip: RgbClip, loss: ClipLoss):
-    """``loss_fn`` for :func:`train`: CLIP's InfoNCE on a batch of ``epoch_batches``."""
+    """``loss_fn`` for :func:`train`: CLIP's InfoNCE on an image-text batch (``images [B, C, S, S]``,
+    ``captions``), each distinct caption of the batch tokenized and encoded once."""
 
-    def loss_fn(model: torch.nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    def loss_fn(model: torch.nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
         device = clip.device
-        images, caption_ids, tokens = batch
-        distinct, rows = torch.unique(caption_ids, return_inverse=True)
-        output = model(clip.prepare_images(images.to(device)), tokens[distinct].to(device))
+        distinct, rows = caption_table(batch.captions)
+        output = model(clip.prepare_images(batch.images.to(device)), clip.tokenize(distinct).to(device))
         if isinstance(output, dict):
             image_features, text_features, logit_scale = (
                 output["image_features"], output["text_features"], output["logit_scale"]

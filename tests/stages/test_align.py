@@ -10,23 +10,25 @@ import pytest
 import torch
 import webdataset as wds
 
-import gsclip_lib.training.alignment as alignment_training
-from gsclip_lib.data.image_text_shards import write_image_text_shards
+from gsclip_lib.data.image_text_shards import SkipSample, encode_image, expand_shard_spec, iter_tar_samples, SkipCounts, write_image_text_shards
+from gsclip_lib.data.splat_shards import PairedDecoder
+from gsclip_lib.errors import InputError
 from gsclip_lib.models.splat_clip import SplatClip, TextTower, load_splat_clip
 from gsclip_lib.models.splat_encoder import build_splat_encoder, fit_feature_statistics
 from gsclip_lib.splats.codec import encode_splats
 from gsclip_lib.splats.initialization import init_grid
 from gsclip_lib.stages import align as align_stage
-from gsclip_lib.stages.align import align_level, load_paired_data
+from gsclip_lib.stages.align import align_level
 from gsclip_lib.training.alignment import (
     AlignBatch,
+    CaptionEmbeddingCache,
     ContrastiveObjective,
     DistillationObjective,
     TokenDistillationObjective,
     teacher_embeddings,
+    collate_pairs,
     teacher_tokens,
 )
-from gsclip_lib.training.objectives import caption_table
 
 SIZE = 28
 COUNT, SPLATS = 8, 10
@@ -80,7 +82,8 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """Image shards (2 shards of 4) and one splat shard per image shard, in reverse key order."""
+    """Image shards (2 shards of 4) and one splat shard per image shard, in reverse key order, each
+    splat sample carrying its image as the fit stage writes it."""
     root = tmp_path_factory.mktemp("align_data")
     pixels = images()
     samples = [
@@ -104,6 +107,7 @@ def shards(tmp_path_factory):
                     {
                         "__key__": key,
                         "gs": encode_splats(splats, i, SIZE, SIZE),
+                        "png": encode_image(pixels[i], "png"),
                         "txt": caption.encode(),
                         "json": json.dumps(metadata).encode(),
                     }
@@ -111,24 +115,44 @@ def shards(tmp_path_factory):
     return {"images": str(root / "images"), "splats": str(root / "splats"), "pixels": tensors}
 
 
+def read_pairs(spec: str, data_config) -> tuple[AlignBatch, list[str]]:
+    """Every sample of the splat shards at ``spec`` as one batch, and their keys, in shard order."""
+    decode = PairedDecoder(data_config.image_size, data_config.channels, data_config.resize_mode)
+    raws = [raw for url in expand_shard_spec(spec) for raw in iter_tar_samples(url, SkipCounts())]
+    return collate_pairs([decode(raw) for raw in raws]), [raw.key for raw in raws]
+
+
 @pytest.fixture(scope="module")
 def data(shards, configs):
-    return load_paired_data(shards["splats"], shards["images"], configs.data)
+    return read_pairs(shards["splats"], configs.data)[0]
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in module.named_parameters()}
 
 
-def test_pairs_are_matched_by_key(shards, data):
-    assert len(data) == COUNT and data.unpaired == 0
-    assert data.level == SPLATS and data.height == SIZE
-    for row, key in enumerate(data.keys):
+def test_splat_samples_carry_their_image_and_caption(shards, configs):
+    batch, keys = read_pairs(shards["splats"], configs.data)
+    assert batch.splats.batch_size == COUNT and batch.splats.num_slots == SPLATS
+    for row, key in enumerate(keys):
         index = int(key[3:])
-        assert torch.equal(data.images[row], shards["pixels"][index])
-        assert data.captions[row] == f"a photo of a {CLASSES[index % len(CLASSES)]}"
-        assert int(data.labels[row]) == index % len(CLASSES)
-    assert data.keys != sorted(data.keys)  # the splat shards were written in another order
+        assert torch.equal(batch.images[row], shards["pixels"][index])
+        assert batch.captions[row] == f"a photo of a {CLASSES[index % len(CLASSES)]}"
+    assert keys != sorted(keys)  # the splat shards were written in another order
+
+
+def test_a_splat_sample_without_its_image_is_skipped_and_a_wrong_size_is_an_error(shards, configs):
+    raw = next(iter_tar_samples(expand_shard_spec(shards["splats"])[0], SkipCounts()))
+    decode = PairedDecoder(configs.data.image_size, configs.data.channels, configs.data.resize_mode)
+    del raw.members["png"]
+    with pytest.raises(SkipSample, match="carries no source image") as skipped:
+        decode(raw)
+    assert skipped.value.reason == "no_image"
+    raw = next(iter_tar_samples(expand_shard_spec(shards["splats"])[0], SkipCounts()))
+    with pytest.raises(InputError, match=r"reads as \(1, 14, 14\), its splats describe \(1, 28, 28\)"):
+        PairedDecoder(14, 1, "center_crop")(raw)
+    without_pixels = PairedDecoder(14, 1, "center_crop", with_image=False)(raw)  # the contrastive stage's
+    assert without_pixels.image is None and collate_pairs([without_pixels]).images is None
 
 
 def test_text_tower_matches_open_clip_and_cache_matches_encoding(data, configs, make_rgb):
@@ -140,14 +164,36 @@ def test_text_tower_matches_open_clip_and_cache_matches_encoding(data, configs, 
 
     stats = fit_feature_statistics([data.splats], height=SIZE, width=SIZE)
     encoder = build_splat_encoder(rgb, configs.encoder, stats, SIZE)
-    distinct, ids = caption_table(data.captions)
-    assert len(distinct) == len(CLASSES) and [distinct[i] for i in ids] == data.captions
     clip = SplatClip(encoder, TextTower(rgb.model), 2.0)
-    batch = AlignBatch(data.splats, caption_ids=ids)
-    cached = ContrastiveObjective(clip, rgb.tokenizer(distinct), cache_text_embeddings=True)
-    uncached = ContrastiveObjective(clip, rgb.tokenizer(distinct), cache_text_embeddings=False)
-    assert cached.caption_embeddings is not None and uncached.caption_embeddings is None
-    torch.testing.assert_close(cached(batch)[0], uncached(batch)[0])
+    batch = AlignBatch(data.splats, captions=data.captions)
+    cached = ContrastiveObjective(clip, rgb.tokenizer, cache_size=2)  # fewer places than the 4 captions
+    uncached = ContrastiveObjective(clip, rgb.tokenizer, cache_size=0)
+    assert cached.cache is not None and uncached.cache is None
+    for _ in range(2):
+        torch.testing.assert_close(cached(batch)[0], uncached(batch)[0])
+    info = cached.cache_info()
+    assert info["size"] == 2 and info["misses"] + info["hits"] == 2 * len(CLASSES) and info["evictions"] >= 2
+    trained = ContrastiveObjective(SplatClip(encoder, TextTower(rgb.model, train_last_block=True), 2.0),
+                                   rgb.tokenizer, cache_size=10)
+    assert trained.cache is None  # a text tower that trains is never cached
+
+
+def test_caption_cache_keeps_the_most_recently_used():
+    cache = CaptionEmbeddingCache(2)
+    encoded = []
+
+    def encode(caption):
+        encoded.append(caption)
+        return torch.tensor([float(len(caption))])
+
+    assert cache.lookup(["a", "bb"], encode).tolist() == [[1.0], [2.0]]
+    cache.lookup(["a"], encode)  # "a" is now the most recent: "bb" goes first
+    cache.lookup(["ccc"], encode)
+    assert list(cache.entries) == ["a", "ccc"] and encoded == ["a", "bb", "ccc"]
+    cache.lookup(["bb"], encode)
+    assert encoded[-1] == "bb" and cache.info() == {"capacity": 2, "size": 2, "hits": 1, "misses": 4, "evictions": 2}
+    with pytest.raises(ValueError, match="capacity"):
+        CaptionEmbeddingCache(0)
 
 
 def test_frozen_parameters_do_not_move_in_a_training_step(data, configs, make_rgb):
@@ -157,13 +203,12 @@ def test_frozen_parameters_do_not_move_in_a_training_step(data, configs, make_rg
     encoder = build_splat_encoder(rgb, configs.encoder.replace(unfreeze_first_blocks=1), stats, SIZE)
     text = TextTower(rgb.model, train_last_block=True)
     clip = SplatClip(encoder, text, 2.0)
-    distinct, ids = caption_table(data.captions)
-    objective = ContrastiveObjective(clip, rgb.tokenizer(distinct))
+    objective = ContrastiveObjective(clip, rgb.tokenizer)
     distill = DistillationObjective(encoder)
     trained_before = {k: v for k, v in snapshot(objective).items() if objective.get_parameter(k).requires_grad}
     optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-2)
     targets = teacher_embeddings(rgb, data.images)
-    for stage, batch in ((distill, AlignBatch(data.splats, targets=targets)), (objective, AlignBatch(data.splats, caption_ids=ids))):
+    for stage, batch in ((distill, AlignBatch(data.splats, targets=targets)), (objective, AlignBatch(data.splats, captions=data.captions))):
         optimizer.zero_grad()
         stage(batch)[0].backward()
         optimizer.step()
@@ -180,20 +225,21 @@ def test_both_stages_lower_their_loss_and_save_a_loadable_clip(shards, tmp_path,
     before = snapshot(rgb.model)
     config = configs.align(tmp_path, "align", configs.optim(epochs=25), configs.optim(epochs=30, lr=1e-3),
                            unfreeze_text_last_block=True)
-    result = align_level(rgb, shards["splats"], shards["images"], config, configs.data)
+    result = align_level(rgb, shards["splats"], config, configs.data)
     metrics = result.metrics
     for stage in ("distill", "contrastive"):
         losses = [entry["loss"] for entry in metrics[stage]["history"] if "loss" in entry]
         assert losses[-1] < 0.7 * losses[0], f"{stage}: {losses[0]:.4f} -> {losses[-1]:.4f}"
         assert metrics[stage]["final_loss"] == pytest.approx(losses[-1])
-    assert metrics["level"] == SPLATS and metrics["pairs"] == COUNT and metrics["distinct_captions"] == 4
+    assert metrics["level"] == SPLATS and metrics["pairs"] == COUNT
+    assert metrics["skipped"]["distill"] == {**SkipCounts().as_dict(), "good": COUNT}  # the first epoch's count
     assert not metrics["cache_text_embeddings"]  # the text tower trains, so nothing is cached
     assert result.path == tmp_path / "align" / f"N{SPLATS}" / "splat_encoder.pt"
     for name, value in snapshot(rgb.model).items():
         assert torch.equal(value, before[name]), f"the RGB model's {name} changed"
 
     loaded = load_splat_clip(result.path, rgb)
-    data = load_paired_data(shards["splats"], shards["images"], configs.data)
+    data = read_pairs(shards["splats"], configs.data)[0]
     tokens = rgb.tokenizer(["a photo of a bag"])
     with torch.no_grad():
         torch.testing.assert_close(loaded.logit_scale, result.clip.logit_scale)
@@ -202,38 +248,42 @@ def test_both_stages_lower_their_loss_and_save_a_loadable_clip(shards, tmp_path,
 
 
 def test_resume_after_a_kill_equals_an_uninterrupted_run(shards, tmp_path, monkeypatch, configs, make_rgb):
+    """Contrastive stage: 2 steps an epoch, a checkpoint every step; killed in step 4 (epoch 2), the
+    rerun resumes from step 3's checkpoint and ends exactly as the straight run."""
     def run(folder: str):
-        config = configs.align(tmp_path, folder, configs.optim(epochs=2, batch_size=4), configs.optim(epochs=3, batch_size=4))
-        return align_level(make_rgb(), shards["splats"], shards["images"], config, configs.data)
+        config = configs.align(tmp_path, folder, configs.optim(epochs=2, batch_size=4),
+                               configs.optim(epochs=3, batch_size=4).replace(checkpoint_every=1))
+        return align_level(make_rgb(), shards["splats"], config, configs.data)
 
     straight = run("straight")
-
-    original = alignment_training.epoch_permutation
-    calls = {"contrastive_epoch_2": 0}
-
-    def dying(count, seed, epoch, rank=0):
-        if epoch == 2 and calls["contrastive_epoch_2"] == 0 and dying.stage == "contrastive":
-            calls["contrastive_epoch_2"] += 1
-            raise KeyboardInterrupt("killed")
-        return original(count, seed, epoch, rank)
-
-    dying.stage = "distill"
     real_train = align_stage.train
 
-    def tracking_train(model, *args, **kwargs):
-        dying.stage = "contrastive" if isinstance(model, ContrastiveObjective) else "distill"
-        return real_train(model, *args, **kwargs)
+    def dying_train(model, loss_fn, *args, **kwargs):
+        if not isinstance(model, ContrastiveObjective):
+            return real_train(model, loss_fn, *args, **kwargs)
+        calls = {"n": 0}
 
-    monkeypatch.setattr(alignment_training, "epoch_permutation", dying)
-    monkeypatch.setattr(align_stage, "train", tracking_train)
+        def dying(wrapped, batch):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise KeyboardInterrupt("killed")
+            return loss_fn(wrapped, batch)
+
+        return real_train(model, dying, *args, **kwargs)
+
+    monkeypatch.setattr(align_stage, "train", dying_train)
     with pytest.raises(KeyboardInterrupt):
         run("resumed")
-    assert calls["contrastive_epoch_2"] == 1
     monkeypatch.undo()
     resumed = run("resumed")
-    assert resumed.metrics["contrastive"]["resumed_from_step"] > 0
+    assert resumed.metrics["distill"]["resumed_from_step"] == 4  # finished before the kill
+    assert resumed.metrics["contrastive"]["resumed_from_step"] == 3  # mid-epoch
     for (name, mine), (_, theirs) in zip(resumed.clip.state_dict().items(), straight.clip.state_dict().items()):
         assert torch.equal(mine, theirs), name
+    assert resumed.metrics["contrastive"]["history"] == straight.metrics["contrastive"]["history"] or all(
+        {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+        for a, b in zip(resumed.metrics["contrastive"]["history"], straight.metrics["contrastive"]["history"])
+    )
 
 
 def test_token_distillation_matches_block_inputs_without_running_the_blocks(data, configs, make_rgb):

@@ -58,6 +58,24 @@ def test_fit_writes_one_splat_shard_per_image_shard(tmp_path, small, shard_sampl
     assert [verify_splat_shard(path) for path in list_shards(tmp_path / "gs")] == [4, 4, 2]
 
 
+def test_splat_samples_carry_their_source_image_bytes(tmp_path, small):
+    """Training pairs a splat sample with its image without an index: the fit copies the image
+    member as stored (no re-encoding) into the splat sample."""
+    import tarfile
+
+    data, settings = small
+    sources = image_shards(tmp_path / "images", 5, 5)
+    fit_stage.fit_split(str(tmp_path / "images"), tmp_path / "gs", SPLATS, settings, 5, data, progress=False)
+    members = {}
+    for path in (sources[0], list_shards(tmp_path / "gs")[0]):
+        with tarfile.open(path) as archive:
+            members[path] = {info.name: archive.extractfile(info).read() for info in archive.getmembers()}
+    source, splats = members.values()
+    pngs = sorted(name for name in source if name.endswith(".png"))
+    assert len(pngs) == 5 and all(splats[name] == source[name] for name in pngs)
+    assert {name.rsplit(".", 1)[1] for name in splats} == {"gs", "png", "txt", "json"}
+
+
 def test_dropped_fits_are_counted_and_left_out(tmp_path, small, monkeypatch, shard_samples):
     data, settings = small
     image_shards(tmp_path / "images", 5, 5)

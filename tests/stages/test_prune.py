@@ -33,6 +33,19 @@ def fitted(tmp_path_factory):
     return root, params.data, settings
 
 
+def image_members(folder) -> dict[str, bytes]:
+    """key -> the .png member of every sample in the shards of ``folder``."""
+    import tarfile
+
+    found = {}
+    for path in list_shards(folder):
+        with tarfile.open(path) as archive:
+            for info in archive.getmembers():
+                if info.name.endswith(".png"):
+                    found[info.name[: -len(".png")]] = archive.extractfile(info).read()
+    return found
+
+
 @pytest.mark.parametrize("target", [8, 4])
 def test_pruned_levels_keep_the_brightest_splats(fitted, target, shard_samples):
     root, data, settings = fitted
@@ -50,12 +63,14 @@ def test_pruned_levels_keep_the_brightest_splats(fitted, target, shard_samples):
     level = {}
     for path in list_shards(root / f"gs{target}"):
         level.update(shard_samples(path))
+    images, parent_images = image_members(root / f"gs{target}"), image_members(root / "gs16")
     assert sorted(level) == sorted(parents)
     for key, (record, meta) in level.items():
         parent_record, parent_meta = parents[key]
         assert meta["N"] == target and meta["pruned_from"] == SPLATS and meta["refit_iterations"] == 0
         assert meta["bytes"] == len(record) == record_bytes(target, 3) < parent_meta["bytes"]
         assert meta["label"] == parent_meta["label"] and meta["source_key"] == key and np.isfinite(meta["psnr"])
+        assert images[key] == parent_images[key] and images[key].startswith(b"\x89PNG")  # carried on, as stored
         expected = prune_by_luminance(decode_splats(parent_record).splats, target_count=target)
         torch.testing.assert_close(decode_splats(record).splats.colours, expected.colours)
         torch.testing.assert_close(decode_splats(record).splats.positions, expected.positions)

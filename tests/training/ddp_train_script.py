@@ -1,17 +1,26 @@
 """Run by tests/training/test_loop.py under ``torchrun --nproc_per_node=2``: RGB pretraining with DDP.
 
-Usage: ``python -m torch.distributed.run --standalone --nproc_per_node=2 tests/training/ddp_train_script.py WORK``
-where ``WORK`` holds ``model.json`` (a tiny open_clip config) and ``shards/train-*.tar``. Each rank
-trains twice: straight through 2 epochs, and interrupted after epoch 1 then resumed from the
-checkpoint. It writes ``WORK/rank<r>.json``: the keys of the samples it read, a hash of its final
-trainable parameters after either run, and what the runs report. Its configs are params.yaml's with
-the values of this test laid over them (a script has no pytest fixtures).
+Usage: ``python -m torch.distributed.run --standalone --nproc_per_node=2 tests/training/ddp_train_script.py WORK MODE``
+where ``WORK`` holds ``model.json`` (a tiny open_clip config) and ``shards/train-*.tar``, and ``MODE``
+is one of
+
+- ``straight``: 2 epochs of 4 steps into ``WORK/straight``, checkpoints every 3 steps;
+- ``killed``: the same into ``WORK/resumed``, but rank 1 sends itself SIGKILL right after its 4th
+  optimizer step (before that step's checkpoint), so torchrun tears the job down and the last
+  checkpoint on disk is step 3's, in the middle of epoch 1;
+- ``resumed``: the same again, which continues from that checkpoint.
+
+Each rank streams its shards with two DataLoader workers. It writes ``WORK/<mode>-rank<r>.json``:
+the keys of the samples it read in its first epoch, a hash of its final trainable parameters and
+what the run reports. Its configs are params.yaml's with this test's values laid over them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -25,6 +34,8 @@ from gsclip_lib.stages.pretrain import pretrain_rgb
 
 MODEL_NAME = "model"  # the stem of WORK/model.json
 REPO = Path(__file__).resolve().parents[2]
+KILL_AFTER_STEP = 4  # rank 1 dies after this optimizer step, before its checkpoint
+CHECKPOINT_EVERY = 3
 
 
 def parameter_hash(model: torch.nn.Module) -> str:
@@ -36,70 +47,61 @@ def parameter_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def main(work: Path) -> None:
+def main(work: Path, mode: str) -> None:
     torch.set_num_threads(1)
     info = distributed.init_distributed()
     open_clip.add_model_config(work / f"{MODEL_NAME}.json")
 
     # Spies on the module's own functions: what this rank read, and its model when training ends.
-    read_keys: list[list[str]] = []
+    first_epoch_keys: list[str] = []
     final_hashes: list[str] = []
-    interrupt_at_epoch: list[int] = []
-    load, train, batches = rgb_pretrain.load_image_text_set, rgb_pretrain.train, rgb_pretrain.epoch_batches
+    train, batches = rgb_pretrain.train, rgb_pretrain.epoch_batches
 
-    def spy_load(*args, **kwargs):
-        data = load(*args, **kwargs)
-        read_keys.append(list(data.keys))
-        return data
+    def spy_batches(plan, decode, collate, epoch, start=0):
+        for batch in batches(plan, decode, collate, epoch, start):
+            if epoch == 0:
+                first_epoch_keys.extend(batch.keys)
+            yield batch
 
-    def spy_train(model, *args, **kwargs):
-        result = train(model, *args, **kwargs)
+    def spy_train(model, *args, after_step=None, **kwargs):
+        steps = {"done": 0}
+
+        def counting(unwrapped):
+            after_step(unwrapped)
+            steps["done"] += 1
+            if mode == "killed" and info.rank == 1 and steps["done"] == KILL_AFTER_STEP:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        result = train(model, *args, after_step=counting, **kwargs)
         final_hashes.append(parameter_hash(model))
         return result
 
-    def spy_batches(data, batch_size, epoch, seed, rank=0):
-        if epoch in interrupt_at_epoch:
-            raise KeyboardInterrupt(f"rank {info.rank} stops as epoch {epoch} starts")
-        return batches(data, batch_size, epoch, seed, rank)
-
-    rgb_pretrain.load_image_text_set, rgb_pretrain.train, rgb_pretrain.epoch_batches = spy_load, spy_train, spy_batches
+    rgb_pretrain.train, rgb_pretrain.epoch_batches = spy_train, spy_batches
 
     params = load_params(REPO / "params.yaml")
     optim = params.pretrain.optim.replace(epochs=2, batch_size=8, lr=2e-3, weight_decay=0.1, warmup_steps=2,
-                                          grad_clip=1.0, seed=0, log_every=1)
+                                          grad_clip=1.0, seed=0, log_every=1, checkpoint_every=CHECKPOINT_EVERY)
+    loader = params.pretrain.loader.replace(num_workers=2, shuffle_buffer=8, samples_per_epoch=0)
     model_config = params.model.replace(name=MODEL_NAME, pretrained="", checkpoint="")
     data = params.data.replace(train_shards=str(work / "shards" / "train-*.tar"), image_size=8, channels=1,
                                resize_mode="center_crop")
-
-    def config(folder: str) -> PretrainConfig:
-        return params.pretrain.replace(optim=optim, checkpoint_dir=str(work / folder))
-
-    straight = pretrain_rgb(model_config, config("straight"), data, progress=False)
-    interrupt_at_epoch.append(1)
-    try:
-        pretrain_rgb(model_config, config("resumed"), data, progress=False)
-        raise AssertionError("the interrupted run did not stop")
-    except KeyboardInterrupt:
-        pass
-    interrupt_at_epoch.clear()
-    resumed = pretrain_rgb(model_config, config("resumed"), data, progress=False)
+    folder = "straight" if mode == "straight" else "resumed"
+    config: PretrainConfig = params.pretrain.replace(optim=optim, loader=loader, checkpoint_dir=str(work / folder))
+    metrics = pretrain_rgb(model_config, config, data, progress=False)
 
     report = {
         "rank": info.rank,
         "world_size": info.world_size,
         "backend": info.backend,
         "collective_device": str(distributed.collective_device()),
-        "keys": read_keys[0],
-        "straight_hash": final_hashes[0],
-        "resumed_hash": final_hashes[-1],
-        "straight": {k: straight[k] for k in ("steps", "resumed_from_step", "train_images", "global_batch_size")},
-        "resumed": {k: resumed[k] for k in ("steps", "resumed_from_step")},
-        "straight_losses": [row["loss"] for row in straight["history"]],
-        "resumed_losses": [row["loss"] for row in resumed["history"]],
+        "keys": first_epoch_keys,
+        "hash": final_hashes[-1],
+        "run": {k: metrics[k] for k in ("steps", "resumed_from_step", "train_images", "global_batch_size")},
+        "losses": [row["loss"] for row in metrics["history"]],
     }
-    (work / f"rank{info.rank}.json").write_text(json.dumps(report))
+    (work / f"{mode}-rank{info.rank}.json").write_text(json.dumps(report))
     distributed.cleanup()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2])

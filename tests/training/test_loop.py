@@ -89,11 +89,11 @@ def regression_data(seed: int = 0, count: int = 96):
 def make_batches(data, batch_size: int = 16, stop_at_epoch: int | None = None):
     x, y = data
 
-    def batches(epoch: int):
+    def batches(epoch: int, first: int):
         if stop_at_epoch is not None and epoch == stop_at_epoch:
             raise KeyboardInterrupt  # the run "dies" as this epoch starts
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(100 + epoch))
-        for start in range(0, len(x), batch_size):
+        for start in range(first * batch_size, len(x), batch_size):
             rows = order[start : start + batch_size]
             yield x[rows], y[rows]
 
@@ -158,6 +158,35 @@ def test_resumed_run_equals_uninterrupted(tmp_path, config):
     assert [row["loss"] for row in resumed.history] == [row["loss"] for row in result.history]
 
 
+def test_mid_epoch_checkpoint_resumes_on_the_same_batches(tmp_path, config):
+    """Checkpoints every 4 steps (6 per epoch); killed at step 11, the run resumes at step 8, in the
+    middle of epoch 2, and ends exactly as an uninterrupted run, its history included."""
+    data = regression_data()
+    config = config.replace(log_every=3, checkpoint_every=4)  # log rows straddle the checkpoints
+    straight = fresh_model(head_seed=1)
+    result = train(straight, mse_loss, make_batches(data), 6, config, tmp_path / "straight", progress=False)
+
+    steps = {"n": 0}
+
+    def dying(model, batch):
+        steps["n"] += 1
+        if steps["n"] == 11:
+            raise KeyboardInterrupt  # killed during step 11: the last checkpoint is step 8's
+        return mse_loss(model, batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh_model(head_seed=1), dying, make_batches(data), 6, config, tmp_path / "resumed", progress=False)
+    saved = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert (saved["step"], saved["epoch"]) == (8, 1)
+    torch.manual_seed(999)
+    restarted = fresh_model(head_seed=2)
+    resumed = train(restarted, mse_loss, make_batches(data), 6, config, tmp_path / "resumed", progress=False)
+    assert resumed.resumed_from_step == 8 and resumed.steps == 12
+    for (name, a), (_, b) in zip(straight.state_dict().items(), restarted.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs after a mid-epoch resume")
+    assert [(row["step"], row["loss"]) for row in resumed.history] == [(row["step"], row["loss"]) for row in result.history]
+
+
 def test_resume_with_other_settings_is_refused(tmp_path, config):
     data = regression_data()
     train(fresh_model(1), mse_loss, make_batches(data), 6, config, tmp_path, progress=False)
@@ -166,9 +195,10 @@ def test_resume_with_other_settings_is_refused(tmp_path, config):
         train(fresh_model(1), mse_loss, make_batches(data), 6, other, tmp_path, progress=False)
     with pytest.raises(ValueError, match="steps_per_epoch: 6 in the checkpoint, 5 now"):
         train(fresh_model(1), mse_loss, make_batches(data), 5, config, tmp_path, progress=False)
-    # log_every only changes what is recorded: resuming with another one is allowed (here: nothing left to do).
-    done = train(fresh_model(1), mse_loss, make_batches(data), 6, config.replace(log_every=5), tmp_path,
-                 progress=False)
+    # log_every and checkpoint_every only change what is recorded: resuming with others is allowed
+    # (here: nothing left to do).
+    done = train(fresh_model(1), mse_loss, make_batches(data), 6, config.replace(log_every=5, checkpoint_every=2),
+                 tmp_path, progress=False)
     assert done.resumed_from_step == done.steps == 12
 
 
@@ -217,7 +247,7 @@ def test_non_finite_loss_names_the_step(tmp_path, config):
         loss, metrics = mse_loss(model, batch)
         return (loss * math.inf if calls["n"] == 9 else loss), metrics
 
-    expected = r"loss is (inf|nan) at step 9 of 12 \(epoch 2, batch 3\).*last\.pt holds the state after epoch 1"
+    expected = r"loss is (inf|nan) at step 9 of 12 \(epoch 2, batch 3\).*last\.pt holds the state after step 6"
     with pytest.raises(NonFiniteLossError, match=expected):
         train(fresh_model(1), exploding, make_batches(regression_data()), 6, config, tmp_path, progress=False)
 
@@ -266,32 +296,45 @@ def test_pretrain_rgb_learns_synthetic_pairs(tmp_path, defaults):
     assert accuracy >= 0.95
 
 
-def test_two_ranks_train_disjoint_shards_into_one_model(tmp_path):
+def test_two_ranks_stream_disjoint_shards_and_resume_after_sigkill(tmp_path):
+    """torchrun, two gloo ranks, two loader workers each: a straight run; a run whose rank 1 is
+    SIGKILLed mid-epoch (torchrun stops the job); its resumption from the mid-epoch checkpoint,
+    which ends with exactly the straight run's parameters and losses."""
     (tmp_path / "model.json").write_text(json.dumps(TINY_CLIP))
     (tmp_path / "shards").mkdir()
-    write_synthetic_shards(tmp_path / "shards", count=64, per_shard=16)  # 4 shards: 2 per rank
+    write_synthetic_shards(tmp_path / "shards", count=64, per_shard=16)  # 4 shards: one per rank and worker
     env = {k: v for k, v in os.environ.items() if k not in distributed.TORCHRUN_VARIABLES}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    completed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
-         str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
+    def launch(mode: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
+             str(tmp_path), mode],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        )
+
+    straight = launch("straight")
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-5000:]
+    killed = launch("killed")
+    assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["step"] == 3  # mid-epoch 1 (4 steps an epoch)
+    resumed = launch("resumed")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+
+    ranks = [json.loads((tmp_path / f"straight-rank{r}.json").read_text()) for r in range(2)]
+    again = [json.loads((tmp_path / f"resumed-rank{r}.json").read_text()) for r in range(2)]
     assert [r["rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}
     assert {r["backend"] for r in ranks} == {"gloo"} and {r["collective_device"] for r in ranks} == {"cpu"}
     keys = [set(r["keys"]) for r in ranks]
     assert len(keys[0]) == len(keys[1]) == 32 and not keys[0] & keys[1]  # disjoint halves...
-    assert keys[0] | keys[1] == {f"sample{i:05d}" for i in range(64)}  # ...of the whole set
-    assert ranks[0]["straight"] == {"steps": 8, "resumed_from_step": 0, "train_images": 64, "global_batch_size": 16}
+    assert keys[0] | keys[1] == {f"sample{i:05d}" for i in range(64)}  # ...of the whole set, in epoch 1
+    assert ranks[0]["run"] == {"steps": 8, "resumed_from_step": 0, "train_images": 64, "global_batch_size": 16}
 
     # DDP averaged the gradients: both replicas end with the same parameters, although each saw other data.
-    assert ranks[0]["straight_hash"] == ranks[1]["straight_hash"]
-    # Interrupted after epoch 1 and resumed from rank 0's checkpoint: the same parameters, on every rank.
-    assert [r["resumed"] for r in ranks] == [{"steps": 8, "resumed_from_step": 4}] * 2
-    assert {r["resumed_hash"] for r in ranks} == {ranks[0]["straight_hash"]}
-    assert ranks[0]["resumed_losses"] == ranks[0]["straight_losses"] == ranks[1]["straight_losses"]
-    assert (tmp_path / "straight" / "model.pt").is_file() and (tmp_path / "resumed" / "last.pt").is_file()
+    assert ranks[0]["hash"] == ranks[1]["hash"]
+    # Killed after step 4, resumed from step 3's checkpoint: the same parameters and losses on every rank.
+    assert [r["run"]["resumed_from_step"] for r in again] == [3, 3] and {r["run"]["steps"] for r in again} == {8}
+    assert {r["hash"] for r in again} == {ranks[0]["hash"]}
+    assert again[0]["losses"] == ranks[0]["losses"] == ranks[1]["losses"]
+    assert (tmp_path / "straight" / "model.pt").is_file() and (tmp_path / "resumed" / "model.pt").is_file()
     assert not [p for p in (tmp_path / "straight").iterdir() if p.name.startswith(".")]  # no temporary left
