@@ -58,11 +58,17 @@ report: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check --select F,E9 gsclip_lib kernels benchmarks tests
 
-# The new fitter against the old one (benchmarks/fitting.json), then the windowed fast path against
-# its dense twin (benchmarks/windowed_vs_dense.json). Single-threaded; about an hour on 2 loaded cores.
+# The new fitter against the old one (benchmarks/fitting.json), the windowed fast path against its
+# dense twin (windowed_vs_dense.json), peak memory of the streaming training stages at 10,000 and
+# 100,000 samples (memory.json), teacher targets per batch against stored ones (teacher_targets.json),
+# and the projection of the paper-scale run (projection.json, from fitting.json and gpu_check.json).
+# About 80 minutes on 2 cores.
 bench: $(STAMP)
 	. $(BIN)/activate && python -m benchmarks.fitting --out benchmarks/fitting.json
 	. $(BIN)/activate && python -m benchmarks.windowed_vs_dense --out benchmarks/windowed_vs_dense.json
+	. $(BIN)/activate && python -m benchmarks.memory --out benchmarks/memory.json
+	. $(BIN)/activate && python -m benchmarks.teacher_targets --out benchmarks/teacher_targets.json
+	. $(BIN)/activate && python -m benchmarks.projection --out benchmarks/projection.json
 
 # The Triton rasterizers (dense and tile-culled) against the PyTorch twin at the paper's shapes, and
 # their speed, on one GPU in under 5 minutes (benchmarks/gpu_check.json). Without CUDA it says so,

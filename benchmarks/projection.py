@@ -1,0 +1,616 @@
+"""A projection, on paper, of the paper-scale run (issue #13 item 8).
+
+``python -m benchmarks.projection --out benchmarks/projection.json`` turns measured per-image costs
+into the time and GPU-hours of the paper-scale run (``profiles/paper.yaml``: 12.8 M DataComp images,
+224x224 RGB, the levels 3136 / 1600 / 900 / 400, a ViT-B-16 teacher) on 8 GPUs:
+
+- **Fitting.** The pipeline fits each image once at the top level (``fit.optimizer.iterations``
+  steps) and reaches the lower levels by a prune cascade, ``prune.refit_iterations`` steps per level.
+  Per-step GPU cost comes from ``benchmarks/gpu_check.json``: its roofline time of one render pass
+  (forward, backward; dense and tile-culled Triton kernels) per image and splat count, or, when its
+  ``gpu`` section holds a real CUDA run, the measured kernel times (scaled to the other counts by
+  the roofline). A fitting step with ``colour_solve: every_step`` is more than one render: the
+  matrix-free CG colour solve runs renders and adjoints too, counted by :func:`passes_per_step`.
+  The CPU-only figure uses the measured CPU seconds per step of ``benchmarks/fitting.json``.
+- **Training.** FLOPs per sample counted on this CPU with ``torch.utils.flop_counter.FlopCounterMode``
+  at batch 1 on the paper profile's models, built with random weights as the align stage builds
+  them: the RGB teacher's image-tower forward, the splat tower forward and backward (frozen blocks
+  included: their input gradients are real work), the text tower forward. FLOPs become GPU time
+  at an assumed peak and model FLOP utilization (:data:`PEAK_FLOPS`, :data:`MFU`).
+- **Data.** One JPEG decode per sample per epoch (the splat shards carry their source image, decoded
+  in both stages), measured here single-threaded, gives the CPU cores per GPU the loader needs.
+
+Everything is per image times 12.8 M times epochs; fitting and training scale perfectly over the 8
+GPUs (data-parallel, no communication cost counted). What is measured and what is assumed is written
+into the JSON beside the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from benchmarks.machine import machine_info
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER_IMAGES = 12_800_000  # DataComp's small pool as the paper uses it
+NUM_GPUS = 8
+PAPER_FIT_400_GPU_HOURS = 25.6  # the paper: the 400-splat setting, 12.8 M images (about 7 ms an image)
+PEAK_FLOPS = 989e12  # assumed: H100 SXM, bf16 dense tensor-core peak (data sheet, no sparsity)
+PEAK_NAME = "H100 SXM bf16 dense tensor-core peak, 989 TFLOP/s (data sheet)"
+MFU = {"expected": 0.40, "pessimistic": 0.25}  # assumed model FLOP utilization of the training steps
+HEADLINE_MODEL = "no_cache_reuse"  # the roofline variant the headline figures use (the slower one)
+SECONDS_PER_HOUR = 3600.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs and their provenance
+
+
+def _git(*args: str) -> str:
+    try:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def provenance(path: Path) -> dict[str, Any]:
+    """Where an input came from: its path, the last commit that touched it, whether it differs from
+    that commit, and its SHA-256."""
+    relative = str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
+    return {
+        "path": relative,
+        "last_commit": _git("log", "-1", "--format=%H", "--", relative) or None,
+        "modified_since_commit": bool(_git("status", "--porcelain", "--", relative)),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# Fitting
+
+
+def fit_plan(params: Any) -> list[dict[str, int]]:
+    """The fits one image goes through: the top level, then one refit per pruned level."""
+    plan = [{"num_splats": params.fit.num_splats, "steps": params.fit.optimizer.iterations, "role": "top"}]
+    plan += [{"num_splats": level, "steps": params.prune.refit_iterations, "role": "refit"}
+             for level in params.prune.levels]
+    return plan
+
+
+def passes_per_step(colour_solve: str, cg_iterations: int) -> dict[str, int]:
+    """Render passes of one fitting step on the GPU (Triton backend), from gsclip_lib/splats/fitting.py
+    and least_squares.py.
+
+    The geometry step is one forward and one backward. ``every_step`` adds a CG solve: the adjoint
+    ``W^T y`` (autograd on the GPU: a forward and a backward), the residual's ``W^T W c`` (a render and
+    an adjoint) and per CG iteration another render and adjoint; the Jacobi diagonal is analytic
+    (free). So a step is (4 + 2 cg) forwards and (3 + cg) backwards: 10 and 6 at cg = 3. ``sparse``
+    and ``none`` solve only now and then: one forward and one backward a step.
+    """
+    if colour_solve == "every_step":
+        return {"forward": 4 + 2 * cg_iterations, "backward": 3 + cg_iterations}
+    return {"forward": 1, "backward": 1}
+
+
+RENDER_ONLY = {"forward": 1, "backward": 1}
+
+
+def roofline_pass_seconds(gpu_check: dict[str, Any]) -> dict[int, dict[str, dict[str, dict[str, float]]]]:
+    """``{N: {kernel: {model: {forward, backward}}}}``: seconds of one render pass of one image."""
+    table: dict[int, dict[str, dict[str, dict[str, float]]]] = {}
+    for entry in gpu_check["roofline_estimate"]["per_count"]:
+        per_pass = entry["per_image_pass"]
+        table[int(entry["num_splats"])] = {
+            kernel: {model: {direction: float(per_pass[f"{kernel}_{direction}"][model]["seconds"])
+                             for direction in ("forward", "backward")}
+                     for model in ("no_cache_reuse", "cache_reuse")}
+            for kernel in ("dense", "tiled")
+        }
+    return table
+
+
+def measured_gpu(gpu_check: dict[str, Any]) -> dict[str, Any] | None:
+    """The kernel times of a real CUDA run of ``make gpu-check``, per image and pass, or None."""
+    gpu = gpu_check.get("gpu")
+    if not gpu or gpu.get("smoke") or not gpu.get("passed") or "benchmark" not in gpu:
+        return None
+    bench = gpu["benchmark"]
+    batch = float(bench["batch"])
+    return {
+        "device": gpu.get("device"),
+        "num_splats": int(bench["num_splats"]),
+        "batch": int(bench["batch"]),
+        "per_image_pass": {kernel: {"forward": bench[kernel]["forward_seconds_per_step"] / batch,
+                                    "backward": bench[kernel]["backward_seconds_per_step"] / batch}
+                           for kernel in ("dense", "tiled")},
+    }
+
+
+def gpu_pass_seconds(gpu_check: dict[str, Any]) -> tuple[dict, str]:
+    """Per-pass seconds used for the projection, and where they came from. With a measured CUDA run
+    both roofline variants are replaced by the measured times, carried to the other counts by the
+    ratio measured / roofline (no cache reuse) at the measured count."""
+    table = roofline_pass_seconds(gpu_check)
+    measured = measured_gpu(gpu_check)
+    if measured is None or measured["num_splats"] not in table:
+        return table, "roofline (gpu_check.json roofline_estimate; no measured CUDA run recorded)"
+    anchor = table[measured["num_splats"]]
+    scaled: dict[int, dict[str, dict[str, dict[str, float]]]] = {}
+    for count, kernels in table.items():
+        scaled[count] = {}
+        for kernel, models in kernels.items():
+            values = {direction: models["no_cache_reuse"][direction]
+                      * measured["per_image_pass"][kernel][direction] / anchor[kernel]["no_cache_reuse"][direction]
+                      for direction in ("forward", "backward")}
+            scaled[count][kernel] = {"no_cache_reuse": values, "cache_reuse": dict(values)}
+    return scaled, (f"measured on {measured['device']} at {measured['num_splats']} splats, batch {measured['batch']} "
+                    "(gpu_check.json gpu.benchmark), scaled to the other counts by the roofline")
+
+
+def step_seconds(pass_seconds: dict[str, float], passes: dict[str, int]) -> float:
+    return passes["forward"] * pass_seconds["forward"] + passes["backward"] * pass_seconds["backward"]
+
+
+def fit_seconds_per_image(plan: list[dict[str, int]], pass_table: dict, kernel: str, model: str,
+                          passes: dict[str, int]) -> dict[str, Any]:
+    """GPU seconds to fit one image through ``plan``, with the per-level split."""
+    levels = [{"num_splats": fit["num_splats"], "steps": fit["steps"], "role": fit["role"],
+               "seconds": fit["steps"] * step_seconds(pass_table[fit["num_splats"]][kernel][model], passes)}
+              for fit in plan]
+    return {"levels": levels, "seconds": sum(level["seconds"] for level in levels)}
+
+
+def cpu_seconds_per_step(fitting: dict[str, Any]) -> dict[int, dict[str, float]]:
+    """CPU core-seconds per step per image at each count, from fitting.json's photo fits (one thread)."""
+    photos = fitting["photos"]
+    images = len(photos["photos"])
+    table = {}
+    for entry in photos["counts"]:
+        new = entry["new"]
+        table[int(entry["num_splats"])] = {
+            "core_seconds_per_step": new["cpu_seconds"] / new["steps"] / images,
+            "steps": new["steps"], "images": images, "psnr_db": new["psnr_db"],
+            "cpu_seconds": new["cpu_seconds"], "seconds": new["seconds"],
+        }
+    return table
+
+
+def totals(seconds_per_sample: float, samples: float, gpus: int = NUM_GPUS) -> dict[str, float]:
+    """GPU-hours and wall hours on ``gpus`` GPUs, perfectly data-parallel."""
+    gpu_hours = seconds_per_sample * samples / SECONDS_PER_HOUR
+    return {"seconds_per_sample": seconds_per_sample, "samples": samples, "gpu_hours": gpu_hours,
+            "wall_hours": gpu_hours / gpus, "gpus": gpus}
+
+
+def project_fitting(params: Any, fitting: dict[str, Any], gpu_check: dict[str, Any],
+                    images: int = PAPER_IMAGES, gpus: int = NUM_GPUS) -> dict[str, Any]:
+    settings = params.fit.optimizer
+    plan = fit_plan(params)
+    full = passes_per_step(settings.colour_solve, settings.cg_iterations)
+    pass_table, source = gpu_pass_seconds(gpu_check)
+    variants = {}
+    for kernel in ("tiled", "dense"):
+        for model in ("no_cache_reuse", "cache_reuse"):
+            for step_name, passes in (("full_step", full), ("render_only", RENDER_ONLY)):
+                per_image = fit_seconds_per_image(plan, pass_table, kernel, model, passes)
+                variants[f"{kernel}/{model}/{step_name}"] = {
+                    "kernel": kernel, "roofline_model": model, "step": step_name, "passes_per_step": passes,
+                    "per_image": per_image, **totals(per_image["seconds"], images, gpus),
+                }
+    bottom = min(pass_table)  # the paper's own figure is for this level fitted on its own
+    direct_plan = [{"num_splats": bottom, "steps": settings.iterations, "role": "direct"}]
+    direct = {}
+    for kernel in ("tiled", "dense"):
+        per_image = fit_seconds_per_image(direct_plan, pass_table, kernel, HEADLINE_MODEL, full)
+        direct[kernel] = {"num_splats": bottom, "steps": settings.iterations, **totals(per_image["seconds"], images, gpus)}
+
+    cpu = cpu_seconds_per_step(fitting)
+    cpu_levels = [{**fit, "core_seconds": fit["steps"] * cpu[fit["num_splats"]]["core_seconds_per_step"]}
+                  for fit in plan]
+    cpu_per_image = sum(level["core_seconds"] for level in cpu_levels)
+    cpu_direct = settings.iterations * cpu[bottom]["core_seconds_per_step"]
+    return {
+        "plan": plan,
+        "passes_per_step": {"full_step": full, "render_only": RENDER_ONLY,
+                            "colour_solve": settings.colour_solve, "cg_iterations": settings.cg_iterations},
+        "gpu_pass_source": source,
+        "pass_seconds_per_image": {str(n): v for n, v in pass_table.items()},
+        "variants": variants,
+        "headline": f"tiled/{HEADLINE_MODEL}/full_step",
+        "direct_bottom_level": direct,
+        "paper_fit_400": {"gpu_hours": PAPER_FIT_400_GPU_HOURS, "images": PAPER_IMAGES,
+                          "ms_per_image": PAPER_FIT_400_GPU_HOURS * SECONDS_PER_HOUR / PAPER_IMAGES * 1e3,
+                          "wall_hours_on_8": PAPER_FIT_400_GPU_HOURS / NUM_GPUS},
+        "cpu_only": {
+            "source": "fitting.json photos.counts[*].new: cpu_seconds / steps / photos, one torch thread (C++ kernel)",
+            "per_step": {str(n): v for n, v in cpu.items()},
+            "levels": cpu_levels,
+            "core_seconds_per_image": cpu_per_image,
+            "core_hours": cpu_per_image * images / SECONDS_PER_HOUR,
+            "direct_bottom_level_core_hours": cpu_direct * images / SECONDS_PER_HOUR,
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Training FLOPs
+
+
+def _sdpa_forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+def _sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def _extra_flop_formulas() -> dict[Any, Callable]:
+    """The CPU flash-attention kernels, which FlopCounterMode has no formula for (it knows the CUDA
+    ones): without them the attention products of every block would go uncounted."""
+    ops = {}
+    for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", _sdpa_forward),
+                          ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_backward)):
+        packet = getattr(torch.ops.aten, name, None)
+        if packet is not None:
+            ops[packet] = formula
+    return ops
+
+
+def count_flops(run: Callable[[], Any]) -> dict[str, Any]:
+    """FLOPs of ``run()`` as FlopCounterMode counts them (matrix products and attention; a multiply-add
+    is 2 FLOPs; element-wise work is not counted), with the per-operator split."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused MHA inference kernel hides its FLOPs
+    try:
+        with FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter:
+            run()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    return {"flops": int(counter.get_total_flops()), "by_operator": by_op}
+
+
+def training_flops(params: Any, levels: list[int], batch: int = 1, seed: int = 0) -> dict[str, Any]:
+    """FLOPs per sample of the align stages' models, as ``params`` configures them (random weights)."""
+    from gsclip_lib.models.rgb_clip import create_rgb_clip
+    from gsclip_lib.models.splat_clip import TextTower
+    from gsclip_lib.models.splat_encoder import build_splat_encoder, fit_feature_statistics
+    from gsclip_lib.splats.initialization import init_grid
+
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    size, channels = params.data.image_size, params.data.channels
+    rgb = create_rgb_clip(params.model.replace(pretrained="", checkpoint=""), device="cpu")
+    images = torch.rand(batch, channels, size, size, generator=generator)
+
+    def teacher() -> None:
+        with torch.no_grad():
+            rgb.model.encode_image(rgb.prepare_images(images))
+
+    teacher_count = count_flops(teacher)
+    tokens = rgb.tokenize(["a photo of a small dog on a red sofa next to a window"] * batch)
+    text = TextTower(rgb.model, train_last_block=params.align.unfreeze_text_last_block)
+
+    def text_forward() -> None:
+        with torch.no_grad():
+            text.encode_text(tokens)
+
+    text_count = count_flops(text_forward)
+    student = {}
+    for count in levels:
+        torch.manual_seed(seed)
+        stats_splats = [init_grid(torch.rand(4, channels, size, size, generator=generator), count) for _ in range(2)]
+        stats = fit_feature_statistics(stats_splats, height=size, width=size)
+        encoder = build_splat_encoder(rgb, params.align.encoder, stats, (size, size))
+        encoder.train()
+        splats = init_grid(images, count)
+
+        def forward(encoder=encoder, splats=splats) -> None:  # grad on: under no_grad FlopCounterMode's tracker fails
+            encoder(splats)
+
+        def forward_backward(encoder=encoder, splats=splats) -> None:
+            encoder(splats).float().square().sum().backward()
+
+        fwd, fwd_bwd = count_flops(forward), count_flops(forward_backward)
+        encoder.zero_grad(set_to_none=True)
+        trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+        student[str(count)] = {
+            "forward_flops": fwd["flops"] / batch, "forward_backward_flops": fwd_bwd["flops"] / batch,
+            "backward_over_forward": (fwd_bwd["flops"] - fwd["flops"]) / max(fwd["flops"], 1),
+            "trainable_parameters": trainable,
+            "by_operator_forward_backward": {k: v / batch for k, v in fwd_bwd["by_operator"].items()},
+        }
+    return {
+        "model": params.model.name, "image_size": size, "channels": channels, "batch": batch,
+        "text_context_length": int(tokens.shape[-1]),
+        "encoder": params.align.encoder.model_dump(),
+        "teacher_forward_flops": teacher_count["flops"] / batch,
+        "text_forward_flops": text_count["flops"] / batch,
+        "student": student,
+        "counting": ("torch.utils.flop_counter.FlopCounterMode on the CPU, random weights, fp32; a multiply-add "
+                     "is 2 FLOPs; matrix products, convolutions and attention counted (the CPU flash-attention "
+                     "kernels with torch's sdpa formulas; MHA fast path off), element-wise work, norms, the "
+                     "loss and the optimizer update not counted; the student's backward flows through the "
+                     "frozen blocks (input gradients only there)"),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def project_training(params: Any, flops: dict[str, Any], images: int = PAPER_IMAGES, gpus: int = NUM_GPUS,
+                     peak: float = PEAK_FLOPS, mfu: dict[str, float] = MFU) -> dict[str, Any]:
+    """Per level: distillation (teacher forward + student forward/backward) and contrastive (student
+    forward/backward + text forward), samples = images x epochs, at each assumed MFU."""
+    stages = {"distill": params.align.distill.epochs, "contrastive": params.align.contrastive.epochs}
+    levels = {}
+    for count, student in flops["student"].items():
+        per_sample = {
+            "distill": flops["teacher_forward_flops"] + student["forward_backward_flops"],
+            "contrastive": student["forward_backward_flops"] + flops["text_forward_flops"],
+        }
+        levels[count] = {}
+        for stage, epochs in stages.items():
+            samples = images * epochs
+            levels[count][stage] = {
+                "epochs": epochs, "flops_per_sample": per_sample[stage],
+                "total_flops": per_sample[stage] * samples,
+                **{case: totals(per_sample[stage] / (peak * share), samples, gpus) for case, share in mfu.items()},
+            }
+        levels[count]["both"] = {case: _sum_totals([levels[count][s][case] for s in stages]) for case in mfu}
+    all_levels = {case: _sum_totals([levels[c]["both"][case] for c in levels]) for case in mfu}
+    return {"epochs": stages, "global_batch": {s: getattr(params.align, s).batch_size * gpus for s in stages},
+            "levels": levels, "all_levels": all_levels}
+
+
+def _sum_totals(parts: list[dict[str, float]]) -> dict[str, float]:
+    return {"gpu_hours": sum(p["gpu_hours"] for p in parts), "wall_hours": sum(p["wall_hours"] for p in parts)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Data loading
+
+
+def photo_like_image(size: int):
+    """A 224x224 photograph: scikit-image's astronaut when installed, else a smooth random image."""
+    from PIL import Image
+
+    try:
+        from skimage import data
+
+        return Image.fromarray(data.astronaut()).resize((size, size), Image.Resampling.BICUBIC), "skimage astronaut"
+    except ImportError:
+        generator = torch.Generator().manual_seed(0)
+        coarse = torch.rand(1, 3, 8, 8, generator=generator)
+        smooth = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+        array = (smooth.clamp(0, 1)[0].permute(1, 2, 0) * 255).byte().numpy()
+        return Image.fromarray(array), "smooth random image"
+
+
+def _cpu_time_per_call(run: Callable[[], Any], repeats: int) -> float:
+    run()
+    start = time.process_time()
+    for _ in range(repeats):
+        run()
+    return (time.process_time() - start) / repeats
+
+
+def measure_decode(repeats: int = 200, size: int = 224, quality: int = 90) -> dict[str, Any]:
+    """CPU seconds per image (one thread) to decode a JPEG: PIL alone, and the loader's decode_image
+    (decode, RGB, resize/crop, to a float tensor) on a 224x224 and on a 512x512 source."""
+    from PIL import Image
+
+    from gsclip_lib.data.image_text_shards import decode_image
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        image, source = photo_like_image(size)
+        large = image.resize((512, 512), Image.Resampling.BICUBIC)
+        encoded = {}
+        for name, picture in (("224", image), ("512", large)):
+            buffer = io.BytesIO()
+            picture.save(buffer, format="JPEG", quality=quality)
+            encoded[name] = buffer.getvalue()
+
+        def pil_decode() -> None:
+            with Image.open(io.BytesIO(encoded["224"])) as opened:
+                opened.convert("RGB").load()
+
+        result = {
+            "image": source, "quality": quality, "repeats": repeats, "threads": 1,
+            "jpeg_bytes": {k: len(v) for k, v in encoded.items()},
+            "pil_decode_224_seconds": _cpu_time_per_call(pil_decode, repeats),
+            "loader_decode_224_seconds": _cpu_time_per_call(
+                lambda: decode_image(encoded["224"], 3, size, "center_crop"), repeats),
+            "loader_decode_512_to_224_seconds": _cpu_time_per_call(
+                lambda: decode_image(encoded["512"], 3, size, "center_crop"), max(repeats // 4, 1)),
+            "clock": "time.process_time, one torch thread",
+        }
+    finally:
+        torch.set_num_threads(threads)
+    return result
+
+
+def loader_cores(decode: dict[str, Any], fitting: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
+    """CPU cores per GPU that decoding alone needs to keep each stage fed (one decode per sample)."""
+    per_image = decode["loader_decode_224_seconds"]
+    per_image_large = decode["loader_decode_512_to_224_seconds"]
+    rates = {"fit (" + fitting["headline"] + ")": 1.0 / fitting["variants"][fitting["headline"]]["seconds_per_sample"]}
+    for count, stages in training["levels"].items():
+        for stage in ("distill", "contrastive"):
+            rates[f"{stage} N{count} (MFU {MFU['expected']:.0%})"] = 1.0 / stages[stage]["expected"]["seconds_per_sample"]
+    return {
+        "decode_seconds_224": per_image, "decode_seconds_512_source": per_image_large,
+        "per_stage": {name: {"samples_per_s_per_gpu": rate, "cores_per_gpu_224": rate * per_image,
+                             "cores_per_gpu_512_source": rate * per_image_large}
+                      for name, rate in rates.items()},
+        "note": ("decode only (the loader's decode_image); tar reading, splat records, tokenization and "
+                 "collation add to it; the images carried in DataComp-derived shards are usually larger "
+                 "than 224x224, hence the 512x512-source column"),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The table: one row per item, GPU-hours and wall hours on the 8 GPUs."""
+    fitting, training = report["fitting"], report["training"]
+    rows = []
+    for key, label in ((fitting["headline"], "fit 3136 + cascade, tiled Triton, full step (roofline)"),
+                       (f"tiled/{HEADLINE_MODEL}/render_only", "fit 3136 + cascade, tiled Triton, render only (roofline)"),
+                       (f"dense/{HEADLINE_MODEL}/full_step", "fit 3136 + cascade, dense Triton, full step (roofline)")):
+        v = fitting["variants"][key]
+        rows.append({"item": label, "gpu_hours": v["gpu_hours"], "wall_hours_8_gpus": v["wall_hours"],
+                     "ms_per_image_per_gpu": v["seconds_per_sample"] * 1e3})
+    direct = fitting["direct_bottom_level"]["tiled"]
+    rows.append({"item": f"fit {direct['num_splats']} alone, {direct['steps']} steps, tiled, full step (roofline)",
+                 "gpu_hours": direct["gpu_hours"], "wall_hours_8_gpus": direct["wall_hours"],
+                 "ms_per_image_per_gpu": direct["seconds_per_sample"] * 1e3})
+    paper = fitting["paper_fit_400"]
+    rows.append({"item": "paper: fit 400 splats (reported)", "gpu_hours": paper["gpu_hours"],
+                 "wall_hours_8_gpus": paper["wall_hours_on_8"], "ms_per_image_per_gpu": paper["ms_per_image"]})
+    for stage in ("distill", "contrastive"):
+        epochs = training["epochs"][stage]
+        per_level = [training["levels"][c][stage] for c in training["levels"]]
+        for case in MFU:
+            rows.append({"item": f"{stage} ({epochs} ep), all {len(per_level)} levels, MFU {MFU[case]:.0%}",
+                         "gpu_hours": sum(p[case]["gpu_hours"] for p in per_level),
+                         "wall_hours_8_gpus": sum(p[case]["wall_hours"] for p in per_level),
+                         "ms_per_image_per_gpu": None})
+    headline_fit = fitting["variants"][fitting["headline"]]
+    for case in MFU:
+        both = training["all_levels"][case]
+        rows.append({"item": f"total: fit (tiled, full step) + both stages at all levels, MFU {MFU[case]:.0%}",
+                     "gpu_hours": headline_fit["gpu_hours"] + both["gpu_hours"],
+                     "wall_hours_8_gpus": headline_fit["wall_hours"] + both["wall_hours"],
+                     "ms_per_image_per_gpu": None})
+    rows.append({"item": "CPU only: fit 3136 + cascade (core-hours, C++ kernel, this CPU)",
+                 "core_hours": fitting["cpu_only"]["core_hours"],
+                 "ms_per_image_per_core": fitting["cpu_only"]["core_seconds_per_image"] * 1e3})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'item':<82} {'GPU-h':>10} {'wall h on 8':>12} {'ms/image/GPU':>13}"]
+    for row in rows:
+        if "core_hours" in row:
+            lines.append(f"{row['item']:<82} {row['core_hours']:>10.3g} core-hours "
+                         f"({row['ms_per_image_per_core']:.0f} ms per image per core)")
+            continue
+        ms = "" if row["ms_per_image_per_gpu"] is None else f"{row['ms_per_image_per_gpu']:.3g}"
+        lines.append(f"{row['item']:<82} {row['gpu_hours']:>10.4g} {row['wall_hours_8_gpus']:>12.4g} {ms:>13}")
+    return "\n".join(lines)
+
+
+def assumptions(params: Any) -> dict[str, str]:
+    return {
+        "images": f"{PAPER_IMAGES:,} images (DataComp as the paper uses it), each fitted once and seen once per epoch",
+        "gpus": f"{NUM_GPUS} GPUs, perfect data-parallel scaling (no communication, loading or checkpoint time)",
+        "training_peak": PEAK_NAME,
+        "training_mfu": f"model FLOP utilization {MFU['expected']:.0%} expected, {MFU['pessimistic']:.0%} pessimistic; "
+                        "FLOPs as FlopCounterMode counts them (matrix products and attention only)",
+        "fitting_gpu": ("per-pass times from gpu_check.json: an H100 SXM roofline (fp32 67 TFLOP/s, 3.35 TB/s, "
+                        "no launch overhead, 100 % of peak) unless a measured CUDA run is recorded; headline: "
+                        f"{HEADLINE_MODEL} (every request goes to DRAM, the slower bound); a roofline is a lower "
+                        "bound on time, real kernels are slower"),
+        "fitting_step": ("a step is the render passes of passes_per_step (colour_solve "
+                         f"{params.fit.optimizer.colour_solve}, cg {params.fit.optimizer.cg_iterations}); Adam, "
+                         "re-seeding, binning beyond the roofline's sort model and the final solve are not counted"),
+        "fitting_plan": (f"top level {params.fit.num_splats} splats x {params.fit.optimizer.iterations} steps, then "
+                         f"{params.prune.levels} at {params.prune.refit_iterations} refit steps each"),
+        "fitting_cpu": "CPU seconds per step measured on 224x224 photos (fitting.json), one thread, applied per image",
+        "data": "one JPEG decode per sample per epoch on the CPU (the splat shards carry the source image)",
+        "paper": "25.6 GPU-hours for the 400-splat setting over 12.8 M images (PAPER.md); its GPU type and step count are not stated",
+    }
+
+
+def run(out: str | Path, fitting_path: str | Path = "benchmarks/fitting.json",
+        gpu_check_path: str | Path = "benchmarks/gpu_check.json", params_path: str | Path = "params.yaml",
+        profile: str | Path | None = "profiles/paper.yaml", levels: list[int] | None = None,
+        decode_repeats: int = 200, flops_fn: Callable[..., dict[str, Any]] = training_flops,
+        decode_fn: Callable[..., dict[str, Any]] = measure_decode) -> dict[str, Any]:
+    from gsclip_lib.params import load_params
+
+    started = time.perf_counter()
+    params = load_params(params_path, profile=profile)
+    fitting_path, gpu_check_path = Path(fitting_path), Path(gpu_check_path)
+    fitting, gpu_check = load_json(fitting_path), load_json(gpu_check_path)
+    levels = levels or [params.fit.num_splats, *params.prune.levels]
+    fit = project_fitting(params, fitting, gpu_check)
+    flops = flops_fn(params, levels)
+    training = project_training(params, flops)
+    decode = decode_fn(repeats=decode_repeats)
+    report: dict[str, Any] = {
+        "benchmark": "projection of the paper-scale run from measured per-image costs (issue #13 item 8)",
+        "command": "python -m benchmarks.projection --out benchmarks/projection.json",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {**machine_info(), "git": _git("rev-parse", "--short", "HEAD") or None},
+        "inputs": {
+            "fitting": provenance(fitting_path), "gpu_check": provenance(gpu_check_path),
+            "params": provenance(Path(params_path)),
+            "profile": provenance(Path(profile)) if profile else None,
+            "gpu_check_measured_cuda_run": measured_gpu(gpu_check) is not None,
+        },
+        "assumptions": assumptions(params),
+        "images": PAPER_IMAGES, "gpus": NUM_GPUS,
+        "fitting": fit,
+        "training_flops": flops,
+        "training": training,
+        "decode": decode,
+    }
+    report["loader"] = loader_cores(decode, fit, training)
+    report["summary"] = summary_rows(report)
+    report["runtime_seconds"] = time.perf_counter() - started
+    Path(out).write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="benchmarks/projection.json")
+    parser.add_argument("--fitting", default="benchmarks/fitting.json")
+    parser.add_argument("--gpu-check", default="benchmarks/gpu_check.json")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--profile", default="profiles/paper.yaml")
+    parser.add_argument("--levels", type=int, nargs="*", default=None,
+                        help="splat counts to count training FLOPs at (default: every level of the profile)")
+    parser.add_argument("--decode-repeats", type=int, default=200)
+    args = parser.parse_args(argv)
+    report = run(args.out, args.fitting, args.gpu_check, args.params, args.profile or None, args.levels,
+                 args.decode_repeats)
+    print(format_table(report["summary"]))
+    loader = report["loader"]
+    print(f"\nJPEG decode (loader, 224x224 q90): {loader['decode_seconds_224'] * 1e3:.2f} ms per image per core; "
+          f"from a 512x512 source {loader['decode_seconds_512_source'] * 1e3:.2f} ms")
+    for name, stage in loader["per_stage"].items():
+        print(f"  {name}: {stage['samples_per_s_per_gpu']:.0f} samples/s per GPU -> "
+              f"{stage['cores_per_gpu_224']:.1f} cores (224 source), {stage['cores_per_gpu_512_source']:.1f} (512 source)")
+    print(f"\nwrote {args.out} ({report['runtime_seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

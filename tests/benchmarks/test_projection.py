@@ -1,0 +1,186 @@
+"""The paper-scale projection (benchmarks/projection.py): its arithmetic and structure, on the real
+fitting.json and gpu_check.json but with the heavy parts (the ViT-B-16 FLOP count, the JPEG timing)
+replaced by fixed numbers; the FLOP counter itself on tiny models. No timing assertions."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import projection
+from benchmarks.projection import (
+    NUM_GPUS,
+    PAPER_IMAGES,
+    count_flops,
+    gpu_pass_seconds,
+    passes_per_step,
+    roofline_pass_seconds,
+)
+from gsclip_lib.params import load_params
+
+ROOT = Path(__file__).resolve().parents[2]
+FAKE_FLOPS = {
+    "teacher_forward_flops": 35e9,
+    "text_forward_flops": 6e9,
+    "student": {"3136": {"forward_backward_flops": 218e9}, "1600": {"forward_backward_flops": 163e9},
+                "900": {"forward_backward_flops": 138e9}, "400": {"forward_backward_flops": 120e9}},
+}
+FAKE_DECODE = {"loader_decode_224_seconds": 3e-4, "loader_decode_512_to_224_seconds": 3e-3}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("projection") / "projection.json"
+    projection.run(
+        out, ROOT / "benchmarks/fitting.json", ROOT / "benchmarks/gpu_check.json", ROOT / "params.yaml",
+        ROOT / "profiles/paper.yaml",
+        flops_fn=lambda params, levels: copy.deepcopy(FAKE_FLOPS) | {"levels_asked": levels},
+        decode_fn=lambda repeats: dict(FAKE_DECODE),
+    )
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def params():
+    return load_params(ROOT / "params.yaml", profile=ROOT / "profiles/paper.yaml")
+
+
+def test_structure_and_inputs(report, params) -> None:
+    for key in ("inputs", "assumptions", "machine", "fitting", "training", "decode", "loader", "summary"):
+        assert key in report
+    for name in ("fitting", "gpu_check", "params", "profile"):
+        assert len(report["inputs"][name]["sha256"]) == 64
+    assert report["images"] == PAPER_IMAGES and report["gpus"] == NUM_GPUS
+    assert report["training_flops"]["levels_asked"] == [params.fit.num_splats, *params.prune.levels]
+    plan = report["fitting"]["plan"]
+    assert plan[0] == {"num_splats": params.fit.num_splats, "steps": params.fit.optimizer.iterations, "role": "top"}
+    assert [p["num_splats"] for p in plan[1:]] == list(params.prune.levels)
+    assert all(p["steps"] == params.prune.refit_iterations for p in plan[1:])
+    items = [row["item"] for row in report["summary"]]
+    assert any(item.startswith("paper") for item in items) and any(item.startswith("total") for item in items)
+
+
+def test_passes_per_step() -> None:
+    assert passes_per_step("every_step", 3) == {"forward": 10, "backward": 6}
+    assert passes_per_step("every_step", 0) == {"forward": 4, "backward": 3}
+    assert passes_per_step("sparse", 3) == passes_per_step("none", 3) == {"forward": 1, "backward": 1}
+
+
+def test_fitting_arithmetic(report) -> None:
+    fitting = report["fitting"]
+    table = fitting["pass_seconds_per_image"]
+    for variant in fitting["variants"].values():
+        passes = variant["passes_per_step"]
+        expected = 0.0
+        for level in variant["per_image"]["levels"]:
+            one = table[str(level["num_splats"])][variant["kernel"]][variant["roofline_model"]]
+            seconds = level["steps"] * (passes["forward"] * one["forward"] + passes["backward"] * one["backward"])
+            assert level["seconds"] == pytest.approx(seconds)
+            expected += seconds
+        assert variant["seconds_per_sample"] == pytest.approx(expected)
+        assert variant["samples"] == PAPER_IMAGES
+        assert variant["gpu_hours"] == pytest.approx(expected * PAPER_IMAGES / 3600)
+        assert variant["gpu_hours"] == pytest.approx(variant["wall_hours"] * NUM_GPUS)
+    v = fitting["variants"]
+    # The full step does more passes than the render alone; the dense kernel more work than the tiled.
+    assert v["tiled/no_cache_reuse/full_step"]["gpu_hours"] > v["tiled/no_cache_reuse/render_only"]["gpu_hours"]
+    assert v["dense/no_cache_reuse/full_step"]["gpu_hours"] > v["tiled/no_cache_reuse/full_step"]["gpu_hours"]
+    paper = fitting["paper_fit_400"]
+    assert paper["ms_per_image"] == pytest.approx(25.6 * 3600 / 12.8e6 * 1e3)
+    cpu = fitting["cpu_only"]
+    assert cpu["core_seconds_per_image"] == pytest.approx(sum(level["core_seconds"] for level in cpu["levels"]))
+    assert cpu["core_hours"] == pytest.approx(cpu["core_seconds_per_image"] * PAPER_IMAGES / 3600)
+
+
+def test_roofline_table_matches_gpu_check() -> None:
+    gpu_check = json.loads((ROOT / "benchmarks/gpu_check.json").read_text())
+    table = roofline_pass_seconds(gpu_check)
+    entry = gpu_check["roofline_estimate"]["per_count"][0]
+    n = entry["num_splats"]
+    render = table[n]["tiled"]["no_cache_reuse"]
+    # gpu_check's images/s are a 1000-step fit of render passes only.
+    images_per_s = 1.0 / (entry["steps"] * (render["forward"] + render["backward"]))
+    assert images_per_s == pytest.approx(entry["no_cache_reuse"]["tiled_images_per_s"])
+
+
+def test_a_measured_gpu_run_replaces_the_roofline() -> None:
+    gpu_check = json.loads((ROOT / "benchmarks/gpu_check.json").read_text())
+    roof = roofline_pass_seconds(gpu_check)
+    batch = 4096
+    gpu_check["gpu"] = {"device": "H100", "passed": True, "benchmark": {
+        "batch": batch, "num_splats": 400,
+        "dense": {"forward_seconds_per_step": 0.5, "backward_seconds_per_step": 1.0},
+        "tiled": {"forward_seconds_per_step": 0.01, "backward_seconds_per_step": 0.03}}}
+    table, source = gpu_pass_seconds(gpu_check)
+    assert "measured" in source
+    assert table[400]["tiled"]["no_cache_reuse"]["forward"] == pytest.approx(0.01 / batch)
+    assert table[400]["dense"]["cache_reuse"]["backward"] == pytest.approx(1.0 / batch)
+    ratio = (0.03 / batch) / roof[400]["tiled"]["no_cache_reuse"]["backward"]
+    assert table[3136]["tiled"]["no_cache_reuse"]["backward"] == pytest.approx(
+        roof[3136]["tiled"]["no_cache_reuse"]["backward"] * ratio)
+    gpu_check["gpu"]["smoke"] = True  # an interpreter smoke run says nothing about speed
+    assert "roofline" in gpu_pass_seconds(gpu_check)[1]
+
+
+def test_training_arithmetic(report, params) -> None:
+    training = report["training"]
+    epochs = {"distill": params.align.distill.epochs, "contrastive": params.align.contrastive.epochs}
+    assert training["epochs"] == epochs
+    peak = projection.PEAK_FLOPS
+    for count, stages in training["levels"].items():
+        student = FAKE_FLOPS["student"][count]["forward_backward_flops"]
+        assert stages["distill"]["flops_per_sample"] == pytest.approx(FAKE_FLOPS["teacher_forward_flops"] + student)
+        assert stages["contrastive"]["flops_per_sample"] == pytest.approx(student + FAKE_FLOPS["text_forward_flops"])
+        for stage, n_epochs in epochs.items():
+            for case, mfu in projection.MFU.items():
+                entry = stages[stage][case]
+                assert entry["samples"] == PAPER_IMAGES * n_epochs
+                assert entry["seconds_per_sample"] == pytest.approx(stages[stage]["flops_per_sample"] / (peak * mfu))
+                assert entry["gpu_hours"] == pytest.approx(entry["seconds_per_sample"] * entry["samples"] / 3600)
+                assert entry["gpu_hours"] == pytest.approx(entry["wall_hours"] * NUM_GPUS)
+        for case in projection.MFU:
+            assert stages["both"][case]["gpu_hours"] == pytest.approx(
+                stages["distill"][case]["gpu_hours"] + stages["contrastive"][case]["gpu_hours"])
+    for case in projection.MFU:
+        assert training["all_levels"][case]["gpu_hours"] == pytest.approx(
+            sum(stages["both"][case]["gpu_hours"] for stages in training["levels"].values()))
+    # Pessimistic utilization, more hours.
+    assert training["all_levels"]["pessimistic"]["gpu_hours"] > training["all_levels"]["expected"]["gpu_hours"]
+    # The total row adds the headline fit to both stages.
+    fit = report["fitting"]["variants"][report["fitting"]["headline"]]["gpu_hours"]
+    total = next(row for row in report["summary"] if row["item"].startswith("total") and "40%" in row["item"])
+    assert total["gpu_hours"] == pytest.approx(fit + training["all_levels"]["expected"]["gpu_hours"])
+
+
+def test_loader_cores(report) -> None:
+    for stage in report["loader"]["per_stage"].values():
+        assert stage["cores_per_gpu_224"] == pytest.approx(stage["samples_per_s_per_gpu"] * 3e-4)
+        assert stage["cores_per_gpu_512_source"] == pytest.approx(stage["samples_per_s_per_gpu"] * 3e-3)
+
+
+def test_count_flops_on_small_modules() -> None:
+    linear = torch.nn.Linear(4, 8)
+    assert count_flops(lambda: linear(torch.rand(2, 4)))["flops"] == 2 * 2 * 4 * 8
+    inputs = torch.rand(2, 4, requires_grad=True)
+    forward_backward = count_flops(lambda: linear(inputs).sum().backward())["flops"]
+    assert forward_backward == 3 * 2 * 2 * 4 * 8  # input and weight gradients: twice the forward
+    linear.requires_grad_(False)  # frozen, as the shared blocks: only the input gradient
+    frozen = count_flops(lambda: linear(inputs).sum().backward())["flops"]
+    assert frozen == 2 * 2 * 2 * 4 * 8
+    q = torch.rand(1, 2, 5, 4)
+    attention = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))["flops"]
+    assert attention == 2 * (2 * 1 * 2 * 5 * 5 * 4)  # Q K^T and A V, counted on the CPU kernels too
+
+
+def test_training_flops_on_the_tiny_model() -> None:
+    """The real counting path on params.yaml's tiny 28x28 model (seconds on the CPU)."""
+    params = load_params(ROOT / "params.yaml")
+    flops = projection.training_flops(params, [params.fit.num_splats])
+    student = flops["student"][str(params.fit.num_splats)]
+    assert flops["teacher_forward_flops"] > 0 and flops["text_forward_flops"] > 0
+    assert student["forward_backward_flops"] > student["forward_flops"] > 0
+    assert student["trainable_parameters"] > 0
