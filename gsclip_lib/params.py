@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 from gsclip_lib.config import ConfigModel, compose, validate_config
 from gsclip_lib.errors import ConfigError
 
-RenderBackend = Literal["auto", "triton", "cpu", "windowed", "dense"]  # gsclip_lib.splats.render
+RenderBackend = Literal["auto", "triton", "triton_tiled", "cpu", "windowed", "dense"]  # gsclip_lib.splats.render
 InitMethod = Literal["grid", "gradient", "random"]  # gsclip_lib.splats.initialization
 IMAGENET_SPLIT = "imagenet"  # the split name of the ImageNet-style evaluation folder
 NO_SHARDS = "none"  # data.eval_shards: there is no labelled evaluation split

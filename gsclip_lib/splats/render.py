@@ -1,14 +1,18 @@
 """Render splats to images through the fastest rasterizer the tensors' device allows (METHOD.md 1).
 
-Four implementations compute the same accumulated sum (kernels/):
+Five implementations compute the same accumulated sum (kernels/):
 
-- ``triton``: the batched Triton kernels, for CUDA tensors;
+- ``triton``: the batched Triton kernels, for CUDA tensors: every splat against every pixel;
+- ``triton_tiled``: the tile-culled Triton kernels: each 16x16 tile reads only the splats whose
+  cutoff box touches it (18x to 60x fewer evaluations at 224x224, ``benchmarks/gpu_check.json``);
+  the paper profile's choice once ``make gpu-check`` has passed on the machine;
 - ``cpu``: the fused C++ kernel (AVX2, OpenMP), compiled with g++ on first use;
 - ``windowed``: the PyTorch path that evaluates each splat only inside its cutoff window (falls back
   to a dense evaluation with hand-written backward when windows would be as large as the image);
 - ``dense``: the pure-PyTorch twin that builds ``[B, N, H, W]``, the readable reference.
 
-``auto`` takes ``triton`` for CUDA tensors, else ``cpu``, or ``windowed`` on a machine that cannot
+``auto`` takes ``triton`` for CUDA tensors (the dense kernels: the tiled ones have not yet run
+compiled on a GPU of this project's), else ``cpu``, or ``windowed`` on a machine that cannot
 build the C++ kernel. All take the same cutoff: a splat's weight is zero beyond ``cutoff`` standard
 deviations (Mahalanobis radius). The project default is 3.5, where the weight has fallen to 2.2e-3;
 ``math.inf`` gives the exact, untruncated sum.
@@ -69,9 +73,9 @@ def render_splats(
     check_cutoff(cutoff)
     check_renderable(splats)
     chosen = resolve_backend(backend, splats.device)
-    if chosen == "triton" and splats.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if chosen.startswith("triton") and splats.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise InputError(
-            f"the triton backend needs CUDA tensors, these are on {splats.device}; use backend 'auto', "
+            f"the {chosen} backend needs CUDA tensors, these are on {splats.device}; use backend 'auto', "
             "'cpu' or 'windowed' on the CPU (or set TRITON_INTERPRET=1 before importing it, to run Triton's interpreter)"
         )
     args = (splats.positions, splats.cholesky, splats.colours, splats.valid, height, width, cutoff)
@@ -81,6 +85,10 @@ def render_splats(
         from kernels.rasterize_triton import rasterize_triton
 
         return rasterize_triton(*args)
+    if chosen == "triton_tiled":
+        from kernels.rasterize_triton_tiled import rasterize_triton_tiled
+
+        return rasterize_triton_tiled(*args)
     if chosen == "cpu":
         if splats.device.type != "cpu":
             raise InputError(f"the cpu backend needs CPU tensors, these are on {splats.device}")

@@ -22,7 +22,7 @@ def _with(splats: Splats, field: str, value: float, column: int = 0) -> Splats:
     return Splats(tensors["positions"], tensors["cholesky"], tensors["colours"], splats.valid)
 
 
-@pytest.mark.parametrize("backend", ["dense", "windowed", "triton"])
+@pytest.mark.parametrize("backend", ["dense", "windowed", "triton", "triton_tiled"])
 @pytest.mark.parametrize(
     "field, value, column, problem",
     [
@@ -55,8 +55,9 @@ def test_mixed_dtypes_are_named(random_splats):
 def test_the_triton_backend_names_the_device_it_needs(random_splats, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     splats = random_splats(1, 4, 1, height=SIZE, width=SIZE)
-    with pytest.raises(InputError, match="the triton backend needs CUDA tensors, these are on cpu"):
-        render_splats(splats, SIZE, SIZE, backend="triton")
+    for backend in ("triton", "triton_tiled"):
+        with pytest.raises(InputError, match=f"the {backend} backend needs CUDA tensors, these are on cpu"):
+            render_splats(splats, SIZE, SIZE, backend=backend)
 
 
 def test_images_out_of_range_are_refused_with_the_range_found(defaults):

@@ -78,7 +78,7 @@ def test_splat_tensors_must_agree():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"backend": "cuda-magic"}, r"backend: Input should be 'auto', 'triton', 'cpu', 'windowed' or 'dense'"),
+        ({"backend": "cuda-magic"}, r"backend: Input should be 'auto', 'triton', 'triton_tiled', 'cpu', 'windowed' or 'dense'"),
         ({"init": "kmeans"}, r"init: Input should be 'grid', 'gradient' or 'random'"),
         ({"iterations": -1}, r"iterations: Input should be greater than or equal to 0"),
         ({"lr_positions": 0.0}, r"lr_positions: Input should be greater than 0"),

@@ -70,6 +70,8 @@ def overrides(work: Path, train_shards: str) -> list[str]:
         "fit_photos.prune_refit_iterations": 1,
         "fit_photos.compare_random_init": False,
         "fit_photos.optimizer.iterations": 3,
+        "fit_photos.optimizer.backend": "auto",  # the profile's triton_tiled needs CUDA
+        "fit.optimizer.backend": "auto",
         "data.shards_dir": str(work / "shards"),
         "data.train_shards": train_shards,
         "data.imagenet_dir": str(work / "imagenet"),
