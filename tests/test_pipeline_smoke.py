@@ -4,17 +4,21 @@ Runs in a copy of the project's files (git-tracked and not ignored), so the work
 touched. The profile is applied the documented way, ``python -m gsclip_lib.stages.profiles tiny``
 (``dvc exp run -S ...``), with a small ImageNet-style folder (three Fashion-MNIST classes and one
 corrupt file) as the second evaluation set. Asserts that every metrics file exists with sane values,
-that every executed notebook ran without error and shows its figures, that the tiny RGB model beats
-chance, that a second ``dvc repro`` runs nothing, and that a changed parameter or a changed library
-module reruns exactly the stages that depend on it.
+that every executed page passes the page checks (no error, no stderr, no progress residue, no raw
+table, its figures once each), that the tiny RGB model beats chance, that a second ``dvc repro`` runs
+nothing, that a changed parameter or library module reruns exactly the stages that depend on it,
+that an edit to a figure function reruns pages only (zero fit and training steps), that an edit to
+the fit's maths refits, and that a ``dvc repro`` killed in the middle of the fit resumes.
 """
 
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,7 @@ import yaml
 from PIL import Image
 
 from gsclip_lib.data.fashion_mnist import load_fashion_mnist
+from gsclip_lib.reporting.page_check import page_problems
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER_CLASSES = {1: "trouser", 8: "bag", 7: "sneaker"}  # Fashion-MNIST label -> folder name
@@ -80,7 +85,7 @@ def test_tiny_pipeline_runs_end_to_end(tmp_path, fashion_mnist):
     levels = [params["fit"]["num_splats"], *params["prune"]["levels"]]
     metrics = {path.relative_to(reports).as_posix(): json.loads(path.read_text()) for path in reports.rglob("metrics.json")}
     expected = {"fit_photos/metrics.json", "prepare/metrics.json", "fit/metrics.json", "pretrain/metrics.json",
-                "evaluate/metrics.json", "report/metrics.json"}
+                "evaluate/metrics.json"}
     expected.add("prune/metrics.json")
     expected |= {f"align/N{level}/metrics.json" for level in levels}
     assert expected <= set(metrics)
@@ -114,39 +119,98 @@ def test_tiny_pipeline_runs_end_to_end(tmp_path, fashion_mnist):
     assert evaluation["sets"]["eval"]["rgb"]["top1"] > 0.2, "the tiny RGB model must beat chance (10 %) clearly"
 
     executed = sorted((reports / "notebooks").glob("*.ipynb"))
-    assert len(executed) == 4 + 1 + len(levels) + 2  # 00-03, 04, 05s, 06-07
+    assert len(executed) == 8  # one page per notebook
     for notebook in executed:
-        outputs = [o for c in json.loads(notebook.read_text())["cells"] for o in c.get("outputs", [])]
-        assert not [o for o in outputs if o.get("output_type") == "error"], notebook.name
-        assert any("image/png" in o.get("data", {}) for o in outputs), f"{notebook.name} shows no figure"
-        stream = sum(len("".join(o.get("text", ""))) for o in outputs if o.get("output_type") == "stream")
-        assert stream < 5000, f"{notebook.name} holds {stream} characters of stream output (progress redraws?)"
+        assert page_problems(notebook) == [], notebook.name
     for split in ("eval", "imagenet"):
-        assert (reports / "report" / "figures" / f"zero_shot_vs_ratio_{split}.png").stat().st_size > 1000
-    assert "| set | representation |" in (reports / "report" / "results.md").read_text()
+        assert (reports / "figures" / "report" / f"zero_shot_vs_ratio_{split}.png").stat().st_size > 1000
+    block = (reports / "report" / "results.md").read_text()
+    assert "| set | representation |" in block and "McNemar's exact test" in block
+    assert block.strip() in (project / "README.md").read_text(), "the report page writes the README's block"
+    headline = json.loads((reports / "evaluate" / "headline.json").read_text())
+    assert set(headline["top1"]) == {"rgb"} | {f"N{level}" for level in levels}
 
     second = _run([sys.executable, "-m", "dvc", "repro"], project)
     assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
 
+    pages = {"fit_photos_page", "prepare_page", "fit_page", "prune_page", "pretrain_page", "align_page",
+             "evaluate_page", "report"}
+    aligns = {"align_fitted"} | {f"align@{level}" for level in params["prune"]["levels"]}
     # A parameter changed: exactly the fit and the stages downstream of it would run.
     original = (project / "params.yaml").read_text()
     changed = yaml.safe_load(original)
     changed["fit"]["optimizer"]["iterations"] += 1
     (project / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
-    after_fit = {"fit", "prune", "align_fitted", "evaluate", "report"}
-    after_fit |= {f"align@{level}" for level in params["prune"]["levels"]}
+    after_fit = {"fit", "fit_page", "prune", "prune_page", "align_page", "evaluate", "evaluate_page", "report"} | aligns
     assert _would_run(project) == after_fit
     (project / "params.yaml").write_text(original)
 
     # A library module changed: the stages that import it, and what depends on them, no others.
     for module, stages in (
-        ("gsclip_lib/evaluation/zero_shot.py", {"evaluate", "report"}),
-        ("gsclip_lib/splats/codec.py", after_fit | {"fit_photos"}),
-        ("gsclip_lib/models/splat_encoder.py", {"align_fitted", "evaluate", "report"}
-         | {f"align@{level}" for level in params["prune"]["levels"]}),
+        ("gsclip_lib/evaluation/zero_shot.py", {"evaluate", "evaluate_page", "report"}),
+        ("gsclip_lib/models/splat_encoder.py", aligns | {"align_page", "evaluate", "evaluate_page", "report"}),
+        ("gsclip_lib/reporting/comparisons.py", {"evaluate_page", "report"}),
+        ("gsclip_lib/params.py", set()),  # the schema: its values are tracked in params.yaml, by group
     ):
         source = (project / module).read_text()
         (project / module).write_text(source + "\n# changed\n")
         assert _would_run(project) == stages, module
         (project / module).write_text(source)
     assert _would_run(project) == set()
+
+    # A figure edited: the pages are redrawn, and no stage that fits or trains runs.
+    figures = project / "gsclip_lib" / "reporting" / "figures.py"
+    figures.write_text(figures.read_text() + "\n# a figure edited\n")
+    redraw = _run([sys.executable, "-m", "dvc", "repro"], project)
+    assert redraw.returncode == 0, redraw.stdout[-4000:] + redraw.stderr[-4000:]
+    assert set(re.findall(r"Running stage '([^']+)'", redraw.stdout)) == pages
+    assert _would_run(project) == set()
+
+    # The fit's maths edited: the fit reruns, and refits rather than keeping shards of the old code.
+    fitting = project / "gsclip_lib" / "splats" / "fitting.py"
+    fitting.write_text(fitting.read_text() + "\n# the fit's maths edited\n")
+    assert {"fit", "prune"} | aligns <= _would_run(project)
+    refit = _run([sys.executable, "-m", "dvc", "repro", "fit"], project)
+    assert refit.returncode == 0, refit.stdout[-4000:] + refit.stderr[-4000:]
+    fitted = json.loads((reports / "fit" / "metrics.json").read_text())
+    assert fitted["resumed"]["train"] is False and fitted["train"]["shards_skipped"] == 0
+
+    # A dvc repro killed in the middle of the fit resumes from the finished shards.
+    fitting.write_text(fitting.read_text() + "\n# edited again\n")
+    slow = yaml.safe_load(original)
+    slow["fit"]["batch_size"] = 50  # two batches a shard, and more steps: time to stop between shards
+    slow["fit"]["optimizer"]["iterations"] = 60
+    (project / "params.yaml").write_text(yaml.safe_dump(slow, sort_keys=False))
+    train = project / params["fit"]["out_dir"] / "fitted" / f"N{params['fit']['num_splats']}" / "train"
+    started = time.time()
+
+    def finished_now() -> int:  # shards this run finished (the folder still holds the last run's at first)
+        count = 0
+        for path in train.glob("*.tar.stats.json"):
+            try:
+                count += path.stat().st_mtime >= started
+            except FileNotFoundError:  # the fit is clearing the last run's shards
+                pass
+        return count
+
+    killed = _start([sys.executable, "-m", "dvc", "repro", "fit"], project)
+    deadline = time.monotonic() + 600
+    while finished_now() < 1 and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert killed.poll() is None, "the fit ended before it could be killed"
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    finished = finished_now()
+    resumed = _run([sys.executable, "-m", "dvc", "repro", "fit"], project)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    fitted = json.loads((reports / "fit" / "metrics.json").read_text())
+    shards = params["data"]["train_size"] // params["data"]["images_per_shard"]
+    assert 1 <= finished < shards and fitted["train"]["shards_skipped"] == finished
+    assert fitted["train"]["shards_written"] == shards - finished and fitted["train"]["images"] == params["data"]["train_size"]
+
+
+def _start(command: list[str], cwd: Path) -> subprocess.Popen:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)

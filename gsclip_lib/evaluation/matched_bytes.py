@@ -234,13 +234,14 @@ def matched_bytes_batches(
     """The batches' float images re-encoded at the budget and decoded; bytes added to ``tally``."""
     for batch in batches:
         inputs, labels, skipped = unpack_batch(batch)
+        keys = getattr(batch, "keys", None)
         if inputs.shape[0] == 0:
-            yield EvalBatch(inputs, labels, skipped)
+            yield EvalBatch(inputs, labels, skipped, keys)
             continue
         decoded, actual, info = matched_bytes_images(images_to_uint8(inputs), budget_bytes, method, **options)
         if tally is not None:
             tally.add(actual, info)
-        yield EvalBatch(uint8_to_images(decoded).to(inputs.device), labels, skipped)
+        yield EvalBatch(uint8_to_images(decoded).to(inputs.device), labels, skipped, keys)
 
 
 def evaluate_matched_bytes(

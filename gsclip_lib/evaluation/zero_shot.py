@@ -41,6 +41,7 @@ class EvalBatch(NamedTuple):
     inputs: Any  # Tensor [B, C, S, S] float in [0, 1], or Splats [B, N, ...]
     labels: Tensor  # [B] int64 in [0, K)
     skipped: int = 0  # samples of this stretch of the data that could not be read (not in ``inputs``)
+    keys: Sequence[str] | None = None  # [B] sample keys, when the source has them (pairs the same image across sources)
 
 
 def build_classifier(
@@ -109,9 +110,16 @@ def evaluate_zero_shot(
     correct_k = torch.zeros(num_classes, dtype=torch.int64)
     seen = torch.zeros(num_classes, dtype=torch.int64)
     loss_sum, skipped = 0.0, 0
+    per_image_correct: list[int] = []
+    per_image_keys: list[str] | None = []
     with torch.no_grad():
         for batch in batches:
             inputs, labels, batch_skipped = unpack_batch(batch)
+            batch_keys = getattr(batch, "keys", None)
+            if batch_keys is None or per_image_keys is None:
+                per_image_keys = None
+            else:
+                per_image_keys.extend(batch_keys)
             skipped += batch_skipped
             labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1).cpu()
             if labels.numel() == 0:
@@ -141,6 +149,7 @@ def evaluate_zero_shot(
             ranked = logits.topk(k, dim=-1).indices  # [B, k]
             hit_k = (ranked == labels[:, None]).any(dim=-1)
             hit_1 = ranked[:, 0] == labels
+            per_image_correct.extend(int(hit) for hit in hit_1)
             seen += torch.bincount(labels, minlength=num_classes)
             correct1 += torch.bincount(labels[hit_1], minlength=num_classes)
             correct_k += torch.bincount(labels[hit_k], minlength=num_classes)
@@ -159,6 +168,8 @@ def evaluate_zero_shot(
             (int(c) / int(n)) if int(n) > 0 else None for c, n in zip(correct1, seen)
         ],
         "per_class_images": [int(n) for n in seen],
+        "correct_top1": per_image_correct,  # [images] 0/1 in the order the batches came
+        "keys": per_image_keys,  # [images] sample keys, or None when a batch carried none
     }
 
 
@@ -192,7 +203,7 @@ def image_shard_batches(
         dataset, batch_size=_check_batch_size(batch_size), collate_fn=collate_image_text, num_workers=num_workers
     )
     for batch in loader:
-        yield EvalBatch(batch.images, batch.labels, batch.skips.skipped)
+        yield EvalBatch(batch.images, batch.labels, batch.skips.skipped, batch.keys)
 
 
 def splat_shard_batches(
@@ -214,7 +225,7 @@ def splat_shard_batches(
         num_workers=num_workers,
     )
     for batch in loader:
-        yield EvalBatch(batch.splats, batch.labels, batch.skips.skipped)
+        yield EvalBatch(batch.splats, batch.labels, batch.skips.skipped, batch.keys)
 
 
 def unpack_batch(batch: EvalBatch | Sequence[Any]) -> tuple[Any, Tensor, int]:
@@ -222,10 +233,10 @@ def unpack_batch(batch: EvalBatch | Sequence[Any]) -> tuple[Any, Tensor, int]:
     if len(batch) == 2:
         inputs, labels = batch
         return inputs, labels, 0
-    if len(batch) == 3:
-        inputs, labels, skipped = batch
+    if len(batch) in (3, 4):
+        inputs, labels, skipped = batch[:3]
         return inputs, labels, int(skipped)
-    raise ValueError(f"a batch must be (inputs, labels) or (inputs, labels, skipped), got {len(batch)} items")
+    raise ValueError(f"a batch must be (inputs, labels) or (inputs, labels, skipped[, keys]), got {len(batch)} items")
 
 
 def _model_device(model: Any) -> torch.device:

@@ -1,27 +1,54 @@
-"""Figures of the pipeline (matplotlib, seaborn): the stages make them, the notebooks show them.
+"""Figures of the pipeline (matplotlib): the stages make them, the notebooks show them.
 
 Every function returns a matplotlib ``Figure`` made without pyplot (:func:`new_figure`), so no
 backend is involved and a notebook does not draw it by itself at the end of a cell:
 :class:`gsclip_lib.stages.runner.StageRun` saves it as a PNG and shows that, once, where the
 notebook asks for it.
+
+Conventions every figure keeps, so that a reader of the executed pages can trust them:
+
+- constrained layout, legends outside the axes (:func:`legend_below`), no text past the edge;
+- log axes tick only at the data's own values, in plain numbers (:func:`plain_log_ticks`);
+- accuracies carry their 95 % intervals; comparisons are drawn as differences around a zero line
+  (:func:`draw_difference`), filled where the interval excludes zero, hollow where it does not;
+- titles say what is drawn, never what it means.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import textwrap
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from torch import Tensor
 
 from gsclip_lib.reporting import paper
 
+Z95 = 1.96  # two-sided 95 % normal quantile
+LEGEND_FONT = 8
+BASELINES = {"jpeg": ("JPEG", "s", "C2"), "thumbnail": ("thumbnail", "^", "C3")}  # method -> name, marker, colour
+AGAINST = {"rendered back": ("o", "C1"), "thumbnail": ("^", "C3"), "JPEG": ("s", "C2"), "RGB pixels": ("D", "C7")}
+PAPER_LABEL = "paper (v2, mean of 38 sets)"
 
 
-def new_figure(rows: int = 1, columns: int = 1, *, figsize: tuple[float, float], squeeze: bool = True):
-    """``(figure, axes)`` as ``plt.subplots`` gives them, on a Figure that pyplot does not track."""
-    figure = Figure(figsize=figsize)
+# Helpers shared by the figures.
+
+
+def new_figure(
+    rows: int = 1, columns: int = 1, *, figsize: tuple[float, float], squeeze: bool = True
+) -> tuple[Figure, Any]:
+    """``(figure, axes)`` as ``plt.subplots`` gives them, on a Figure that pyplot does not track,
+    laid out by matplotlib's constrained layout (titles, labels and outside legends all fit)."""
+    figure = Figure(figsize=figsize, layout="constrained")
     return figure, figure.subplots(rows, columns, squeeze=squeeze)
 
 
@@ -30,252 +57,550 @@ def to_display(image: Tensor) -> np.ndarray:  # [C, H, W] -> [H, W, C] or [H, W]
     return array[..., 0] if array.shape[-1] == 1 else array
 
 
+def plain_number(value: float) -> str:
+    """``3136``, ``12,800``, ``2.5``: a tick label without powers of ten."""
+    if abs(value) >= 10:
+        return f"{value:,.0f}"
+    return f"{value:.2g}"
+
+
+def ratio_label(ratio: float) -> str:
+    """A compression ratio as ``3x``, ``5.9x``, ``24x``."""
+    return f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.2g}x"
+
+
+def plain_log_ticks(
+    axis: Axes, values: Iterable[float], *, which: str = "x", label: Callable[[float], str] = plain_number,
+    spacing: float = 0.15,
+) -> list[float]:
+    """Log scale on ``axis``'s x (or y) axis, ticks only at ``values`` in plain numbers, no minor ticks.
+
+    ``values`` are taken in order of priority: one closer than ``spacing`` (natural log) to a kept
+    tick is left out, so near-equal values (2.97 and 3.00) share one tick. Returns the ticks."""
+    kept: list[float] = []
+    for value in values:
+        if value > 0 and math.isfinite(value) and all(abs(math.log(value / tick)) > spacing for tick in kept):
+            kept.append(float(value))
+    kept.sort()
+    if which == "x":
+        axis.set_xscale("log")
+        axis.set_xticks(kept, labels=[label(tick) for tick in kept])
+    else:
+        axis.set_yscale("log")
+        axis.set_yticks(kept, labels=[label(tick) for tick in kept])
+    axis.minorticks_off()
+    return kept
+
+
+def spans(values: Sequence[float], lows: Sequence[float], highs: Sequence[float]) -> np.ndarray:
+    """``[2, n]`` error-bar lengths below and above each value (0 where an end is missing)."""
+    value = np.asarray(values, dtype=float)
+    below = np.nan_to_num(value - np.asarray(lows, dtype=float), nan=0.0)
+    above = np.nan_to_num(np.asarray(highs, dtype=float) - value, nan=0.0)
+    return np.vstack([np.clip(below, 0, None), np.clip(above, 0, None)])
+
+
+def mean_interval(values: Iterable[float]) -> tuple[float, float, float, int]:
+    """``(mean, low, high, n)`` of the finite values: mean +- 1.96 sd / sqrt(n); NaN ends when n < 2."""
+    finite = np.asarray(list(values), dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return math.nan, math.nan, math.nan, 0
+    mean = float(finite.mean())
+    if finite.size < 2:
+        return mean, math.nan, math.nan, 1
+    half = Z95 * float(finite.std(ddof=1)) / math.sqrt(finite.size)
+    return mean, mean - half, mean + half, int(finite.size)
+
+
+def excludes_zero(low: float, high: float) -> bool:
+    """Whether the interval ``[low, high]`` lies wholly on one side of zero (False if an end is NaN)."""
+    return bool(low > 0 or high < 0)
+
+
+def draw_difference(
+    axis: Axes, position: float, value: float, low: float, high: float, *, colour: str = "C0",
+    marker: str = "o", gid: str | None = None,
+) -> ErrorbarContainer:
+    """One difference at height ``position`` with its horizontal interval: a filled marker where the
+    interval excludes zero, a hollow (white) one where it does not. ``gid`` names the marker line."""
+    filled = excludes_zero(low, high)
+    container = axis.errorbar(
+        [value], [position], xerr=spans([value], [low], [high]), fmt=marker, color=colour, markersize=7,
+        markerfacecolor=colour if filled else "white", markeredgecolor=colour, capsize=3, linewidth=1.2,
+    )
+    container.lines[0].set_gid(gid)
+    return container
+
+
+def fill_handles(unmeasured: bool = False) -> list[Line2D]:
+    """Legend entries that explain filled against hollow markers of :func:`draw_difference`;
+    ``unmeasured``: some markers have no interval (one image), hollow too."""
+    hollow = "95 % interval includes 0" + (", or no interval (n = 1)" if unmeasured else "")
+    return [
+        Line2D([], [], marker="o", linestyle="none", color="dimgrey", label="95 % interval excludes 0"),
+        Line2D([], [], marker="o", linestyle="none", color="dimgrey", markerfacecolor="white", label=hollow),
+    ]
+
+
+def legend_below(figure: Figure, handles: Sequence | None = None, axis: Axes | None = None) -> None:
+    """The figure's legend under its axes, in as many columns as its width holds; nothing when there
+    is no labelled artist. ``handles`` default to ``axis``'s labelled artists (the first axes')."""
+    if handles is None:
+        handles, _ = (axis or figure.axes[0]).get_legend_handles_labels()
+    handles = [handle for handle in handles if not str(handle.get_label()).startswith("_")]
+    if not handles:
+        return
+    longest = max(len(str(handle.get_label())) for handle in handles)
+    entry_inches = 0.6 + longest * LEGEND_FONT * 0.56 / 72
+    columns = max(1, min(len(handles), int(0.95 * figure.get_figwidth() / entry_inches)))
+    figure.legend(handles=handles, loc="outside lower center", ncols=columns, fontsize=LEGEND_FONT, frameon=False)
+
+
+def accuracy_errorbar(axis: Axes, ratios: Sequence[float], rows: Sequence[dict], **style) -> ErrorbarContainer:
+    """Top-1 (%) of ``rows`` (each with ``top1``, ``top1_low``, ``top1_high``, fractions) at ``ratios``."""
+    top1 = [100 * row["top1"] for row in rows]
+    low = [100 * row.get("top1_low", math.nan) for row in rows]
+    high = [100 * row.get("top1_high", math.nan) for row in rows]
+    return axis.errorbar(ratios, top1, yerr=spans(top1, low, high), capsize=3, markersize=6, **style)
+
+
+def nudge(count: int, index: int, step: float = 0.045) -> float:
+    """Factor that spreads ``count`` series sideways on a log axis (the ``index``-th of them)."""
+    return math.exp(step * (index - (count - 1) / 2))
+
+
+def splat_count(level: str) -> int:
+    """``"N3136"`` -> 3136 (0 when the name holds no number): sorts level names by count."""
+    found = re.search(r"\d+", str(level))
+    return int(found.group()) if found else 0
+
+
+# Fitting.
+
+
+def grouped_interval(table: pd.DataFrame, by: str, column: str) -> pd.DataFrame:
+    """Per value of ``by``: ``mean``, ``low``, ``high``, ``n`` of ``column`` (:func:`mean_interval`)."""
+    rows = {key: mean_interval(group[column]) for key, group in table.groupby(by)}
+    return pd.DataFrame.from_dict(rows, orient="index", columns=["mean", "low", "high", "n"]).sort_index()
+
+
 def plot_psnr_against_size(table: pd.DataFrame) -> Figure:
-    """PSNR against splat count and against payload bytes, splats beside JPEG at the same bytes."""
-    import seaborn as sns  # imported here: it adds a second to every stage's start-up
-    figure, (by_count, by_bytes) = new_figure(1, 2, figsize=(11, 4))
-    sns.lineplot(data=table, x="splats", y="psnr", marker="o", ax=by_count, label="splats", errorbar="sd")
-    by_count.set_xscale("log")
+    """PSNR against splat count and against bytes, means over the photos with 95 % intervals.
+
+    Reads the columns ``splats``, ``psnr``, ``psnr_pruned_from_larger`` (NaN where no pruned fit, as
+    at the largest count), ``payload_bytes``, ``psnr_after_codec``, ``jpeg_bytes``, ``jpeg_psnr``."""
+    figure, (by_count, by_bytes) = new_figure(1, 2, figsize=(11, 4.4))
+    direct = grouped_interval(table, "splats", "psnr")
+    by_count.errorbar(direct.index, direct["mean"], yerr=spans(direct["mean"], direct["low"], direct["high"]),
+                      marker="o", capsize=3, color="C0", label="fitted directly")
+    pruned = grouped_interval(table, "splats", "psnr_pruned_from_larger").dropna(subset=["mean"])
+    if len(pruned):
+        shown = pruned.index * nudge(2, 1)
+        by_count.errorbar(shown, pruned["mean"], yerr=spans(pruned["mean"], pruned["low"], pruned["high"]),
+                          marker="s", linestyle="--", capsize=3, color="C1",
+                          label="pruned from the next larger fit, refitted")
+    plain_log_ticks(by_count, direct.index)
     by_count.set_xlabel("splats per image")
     by_count.set_ylabel("PSNR (dB)")
-    by_count.set_title("Fit quality against splat count")
-    long = pd.concat(
-        [
-            table.assign(codec="splats (fp16)", bytes=table["payload_bytes"], quality=table["psnr_after_codec"]),
-            table.assign(codec="JPEG, same budget", bytes=table["jpeg_bytes"], quality=table["jpeg_psnr"]),
-        ]
-    )
-    sns.lineplot(data=long, x="bytes", y="quality", hue="codec", marker="o", ax=by_bytes, errorbar="sd")
-    by_bytes.set_xscale("log")
-    by_bytes.set_xlabel("bytes per image")
+    by_count.set_title("PSNR against splat count")
+    splat_bytes = grouped_interval(table, "splats", "payload_bytes")["mean"]
+    for column, x, label, marker, colour in (
+        ("psnr_after_codec", splat_bytes, "splats (fp16 payload)", "o", "C0"),
+        ("jpeg_psnr", grouped_interval(table, "splats", "jpeg_bytes")["mean"], "JPEG at the same budget", "^", "C2"),
+    ):
+        quality = grouped_interval(table, "splats", column)
+        by_bytes.errorbar(x, quality["mean"], yerr=spans(quality["mean"], quality["low"], quality["high"]),
+                          marker=marker, capsize=3, color=colour, label=label)
+    plain_log_ticks(by_bytes, splat_bytes)
+    by_bytes.set_xlabel("bytes per image (mean)")
     by_bytes.set_ylabel("PSNR (dB)")
-    by_bytes.set_title("Rate-distortion: splats against JPEG")
-    figure.tight_layout()
+    by_bytes.set_title("PSNR against bytes: splats and JPEG")
+    handles = by_count.get_legend_handles_labels()[0] + by_bytes.get_legend_handles_labels()[0]
+    legend_below(figure, handles)
     return figure
 
 
 def plot_psnr_history(history: pd.DataFrame, hue: str = "splats") -> Figure:
-    """Mean PSNR during fitting against steps and against seconds, one line per ``hue`` value."""
-    import seaborn as sns  # imported here: it adds a second to every stage's start-up
+    """Mean PSNR during fitting against steps and against seconds, one line per ``hue`` value.
+
+    Reads the columns ``psnr``, ``hue``, and ``iteration`` and ``seconds`` where present."""
     figure, (by_step, by_time) = new_figure(1, 2, figsize=(11, 4))
+    values = sorted(history[hue].unique()) if hue in history else []
+    palette = colormaps["viridis"]
     for axis, x, label in ((by_step, "iteration", "step"), (by_time, "seconds", "seconds (wall)")):
-        if x in history:
-            sns.lineplot(data=history, x=x, y="psnr", hue=hue, palette="viridis", ax=axis)
+        for index, value in enumerate(values):
+            rows = history[history[hue] == value].sort_values(x) if x in history else None
+            if rows is not None:
+                axis.plot(rows[x], rows["psnr"], color=palette(index / max(1, len(values) - 1) * 0.9),
+                          label=f"{plain_number(value)}" if isinstance(value, (int, float, np.number)) else str(value))
         axis.set_xlabel(label)
         axis.set_ylabel("mean PSNR (dB)")
-    by_step.set_title("Fitting progress against steps")
-    by_time.set_title("... and against time")
-    figure.tight_layout()
+    by_step.set_title("Fitting: PSNR against steps")
+    by_time.set_title("Fitting: PSNR against wall time")
+    if values and by_step.get_legend_handles_labels()[0]:
+        figure.legend(*by_step.get_legend_handles_labels(), loc="outside right upper", fontsize=LEGEND_FONT,
+                      title=hue, title_fontsize=LEGEND_FONT, frameon=False)
     return figure
 
 
 def plot_photo_findings(table: pd.DataFrame) -> Figure:
-    """Two of the paper's findings on the photos: (a) grid against random init at the largest count,
-    (b) pruning a larger fit against fitting the count directly, at equal steps."""
-    figure, (init_axis, prune_axis) = new_figure(1, 2, figsize=(11, 4))
+    """Two of the paper's fitting findings on the photos, each as a difference per photo (mean, 95 %
+    interval) around zero: (a) grid minus random init at the largest count, beside the paper's; (b)
+    pruned from the next larger fit minus fitted directly, at equal steps, per count.
+
+    Reads the columns ``splats``, ``psnr``, ``psnr_random_init``, ``psnr_pruned_from_larger``."""
     largest = table["splats"].max()
     first = table[table["splats"] == largest]
-    if first["psnr_random_init"].notna().any():
-        means = [first["psnr"].mean(), first["psnr_random_init"].mean()]
-        init_axis.bar(["grid (structured)", "random"], means, color=["steelblue", "lightgrey"])
-        for index, value in enumerate(means):
-            init_axis.annotate(f"{value:.1f} dB", (index, value), ha="center", va="bottom", fontsize=9)
+    has_init = bool(first["psnr_random_init"].notna().any())
+    pruned_counts = sorted(table.loc[table["psnr_pruned_from_larger"].notna(), "splats"].unique(), reverse=True)
+    panels = int(has_init) + int(bool(pruned_counts))
+    figure, axes = new_figure(1, max(1, panels), figsize=(11 if panels > 1 else 6.5, 1.9 + 0.45 * max(
+        2, len(pruned_counts))), squeeze=False)
+    axes, sizes = list(axes.flat), []
+    if has_init:
+        axis = axes.pop(0)
+        mean, low, high, n = mean_interval(first["psnr"] - first["psnr_random_init"])
+        draw_difference(axis, 0, mean, low, high, gid="ours")
+        sizes.append(n)
         reference = paper.GRID_VS_RANDOM
-        init_axis.set_title(f"(a) init at {largest} splats: ours {means[0] - means[1]:+.1f} dB (paper "
-                            f"{reference['grid_db'] - reference['random_db']:+.1f} at {reference['splats']})")
-    init_axis.set_ylabel("PSNR (dB)")
-    grouped = table.groupby("splats")[["psnr", "psnr_pruned_from_larger"]].mean().sort_index()
-    prune_axis.plot(grouped.index, grouped["psnr"], marker="o", label="fitted directly")
-    if grouped["psnr_pruned_from_larger"].notna().any():
-        cascade = grouped["psnr_pruned_from_larger"].copy()
-        cascade.iloc[-1] = grouped["psnr"].iloc[-1]  # the cascade starts from the largest direct fit
-        prune_axis.plot(cascade.index, cascade, marker="s", label="pruned from the next larger, refitted")
-    prune_axis.set_xscale("log")
-    prune_axis.minorticks_off()
-    prune_axis.set_xticks(list(grouped.index), labels=[str(count) for count in grouped.index])
-    prune_axis.set_xlabel("splats per image")
-    prune_axis.set_ylabel("PSNR (dB)")
-    prune_axis.set_title("(b) at equal steps: the paper finds pruning wins")
-    prune_axis.legend(fontsize=8)
-    figure.tight_layout()
+        axis.plot([reference["grid_db"] - reference["random_db"]], [1], marker="s", color="black", linestyle="none")
+        axis.set_yticks([0, 1], labels=[f"ours: {largest} splats\n({n} photo{'s' if n != 1 else ''})",
+                                        f"paper: {reference['splats']} splats"])
+        axis.set_xlabel("grid init minus random init (dB)")
+        axis.set_title(textwrap.fill(f"(a) grid vs random initialisation, {largest} splats", 50), fontsize=11)
+    if pruned_counts:
+        axis = axes.pop(0)
+        labels = []
+        for position, count in enumerate(pruned_counts):
+            rows = table[table["splats"] == count]
+            mean, low, high, n = mean_interval(rows["psnr_pruned_from_larger"] - rows["psnr"])
+            draw_difference(axis, position, mean, low, high, colour="C1", marker="s", gid=str(count))
+            labels.append(f"{count} splats (n={n})")
+            sizes.append(n)
+        axis.set_yticks(range(len(labels)), labels=labels)
+        axis.set_xlabel("pruned minus fitted directly (dB)")
+        axis.set_title(textwrap.fill("(b) pruned from the next larger fit vs fitted directly, equal steps", 50),
+                       fontsize=11)
+    for axis in figure.axes:
+        axis.axvline(0, color="black", linewidth=0.8)
+        axis.set_ylim(axis.get_ylim()[1] + 0.4, axis.get_ylim()[0] - 0.4)  # first row on top, some air
+    if panels == 0:
+        axes[0].axis("off")
+        axes[0].text(0.5, 0.5, "no random-init or pruned fit in this table", ha="center", va="center")
+    legend_below(figure, fill_handles(unmeasured=min(sizes, default=2) < 2))
     return figure
 
 
-def plot_captioned_samples(samples: list, columns: int = 8) -> Figure:
-    """Image-text samples (anything with ``.image [C, H, W]`` and ``.caption``) with their captions."""
-    rows = math.ceil(len(samples) / columns)
-    figure, axes = new_figure(rows, columns, figsize=(2.0 * columns, 2.3 * rows), squeeze=False)
-    for axis in axes.flat:
-        axis.axis("off")
-    for axis, sample in zip(axes.flat, samples):
-        axis.imshow(to_display(sample.image), cmap="gray")
-        axis.set_title(sample.caption, fontsize=6, wrap=True)
-    figure.tight_layout()
-    return figure
+def plot_paired_psnr(table: pd.DataFrame, title: str = "") -> Figure:
+    """Finding (b) on the evaluation split: per level, the mean of pruned minus fitted directly over
+    the images, with its 95 % interval (mean +- 1.96 sd / sqrt(n)), around a zero line.
 
-
-def plot_zero_shot_against_ratio(evaluation: dict, title: str = "Zero-shot accuracy against compression") -> Figure:
-    """The paper's main result, redrawn: zero-shot top-1 against compression ratio.
-
-    ``evaluation`` is one evaluation set's scores (``metrics["sets"][split]`` of the evaluate stage).
-    RGB pixels are a horizontal line (ratio 1); each splat level is a point at its real ratio; the
-    JPEG and thumbnail baselines sit at the ratio of the bytes they actually used.
-    """
-    figure, axis = new_figure(figsize=(7, 4.5))
-    rgb_top1 = 100 * evaluation["rgb"]["top1"]
-    source = evaluation["rgb"]["source_bytes"]
-    axis.axhline(rgb_top1, color="black", linestyle="--", label=f"RGB pixels ({rgb_top1:.1f} %)")
-    levels = sorted(evaluation["levels"].values(), key=lambda row: row["ratio_payload"])
-    axis.plot(
-        [row["ratio_payload"] for row in levels], [100 * row["top1"] for row in levels],
-        marker="o", label="splat encoder",
-    )
-    for row in levels:
-        axis.annotate(f"N={row['splats']}", (row["ratio_payload"], 100 * row["top1"]), fontsize=8,
-                      textcoords="offset points", xytext=(4, 4))
-    backs = [row for row in levels if row.get("render_back")]
-    if backs:
-        axis.plot([row["ratio_payload"] for row in backs], [100 * row["render_back"]["top1"] for row in backs],
-                  marker="x", linestyle=":", label="RGB on the splats rendered back")
-    for method, marker in (("jpeg", "s"), ("thumbnail", "^")):
-        rows = [row for row in evaluation.get("baselines", []) if row["method"] == method]
-        if rows:
-            ratios = [source / row["mean_bytes"] for row in rows]
-            over = [row.get("over_budget_images", 0) > 0 for row in rows]
-            axis.scatter(ratios, [100 * row["top1"] for row in rows], marker=marker,
-                         label=f"RGB on {method}, same bytes", zorder=3)
-            for ratio, row, is_over in zip(ratios, rows, over):
-                if is_over:
-                    axis.annotate("over budget", (ratio, 100 * row["top1"]), fontsize=7, color="grey",
-                                  textcoords="offset points", xytext=(4, -10))
-    chance = 100 / evaluation.get("classes", len(evaluation["rgb"]["per_class_top1"]))
-    axis.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.0f} %)")
-    axis.set_xscale("log")
-    axis.set_xlabel("compression ratio (source bytes / stored bytes)")
-    axis.set_ylabel("zero-shot top-1 (%)")
-    axis.set_title(title)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    return figure
-
-
-def plot_relative_accuracy(evaluation: dict, paper_levels: dict[float, float], title: str = "") -> Figure:
-    """Finding (c): zero-shot top-1 relative to RGB pixels against compression ratio, ours (tower and
-    render-back) beside the paper's (``paper_levels``: ratio -> relative accuracy)."""
-    figure, axis = new_figure(figsize=(7, 4.2))
-    rgb_top1 = evaluation["rgb"]["top1"]
-    levels = sorted(evaluation["levels"].values(), key=lambda row: row["ratio_payload"])
-    ratios = [row["ratio_payload"] for row in levels]
-    axis.plot(ratios, [row["top1"] / rgb_top1 for row in levels], marker="o", label="ours: splat tower")
-    for ratio, row in zip(ratios, levels):
-        axis.annotate(f"{row['top1'] / rgb_top1:.2f}", (ratio, row["top1"] / rgb_top1), fontsize=8,
-                      color="C0", textcoords="offset points", xytext=(-24, 6))
-    if all(row.get("render_back") for row in levels):
-        axis.plot(ratios, [row["render_back"]["top1"] / rgb_top1 for row in levels], marker="x", linestyle=":",
-                  label="ours: RGB model on the splats rendered back")
-    paper_ratios = sorted(paper_levels)
-    axis.plot(paper_ratios, [paper_levels[r] for r in paper_ratios], marker="s", color="black",
-              label="paper (v2, ViT-B/16, mean of 38 sets)")
-    for ratio in paper_ratios:
-        axis.annotate(f"{paper_levels[ratio]:.2f}", (ratio, paper_levels[ratio]), fontsize=8,
-                      textcoords="offset points", xytext=(4, -12))
-    axis.axhline(1.0, color="grey", linestyle="--", linewidth=0.8)
-    axis.set_xscale("log")
-    ticks = sorted({round(r, 1) for r in ratios})
-    axis.minorticks_off()
-    axis.set_xticks(ticks, labels=[f"{t:g}x" for t in ticks], fontsize=8)
-    axis.set_xlabel("compression ratio")
-    axis.set_ylabel("top-1 / top-1 of RGB pixels")
-    axis.set_title(title or "Relative zero-shot accuracy against compression")
-    axis.legend(fontsize=8, loc="lower left")
-    figure.tight_layout()
-    return figure
-
-
-def plot_tower_against_render_back(evaluation: dict, title: str = "") -> Figure:
-    """Finding (d): at every level, the splat tower beside the RGB model on the same splats rendered
-    back to pixels, and on a thumbnail and a JPEG of the same bytes."""
-    levels = sorted(evaluation["levels"].items(), key=lambda item: item[1]["ratio_payload"])
-    baselines = {(row["method"], row["level"]): row for row in evaluation.get("baselines", [])}
-    series = {"splat tower": [100 * row["top1"] for _, row in levels]}
-    if all(row.get("render_back") for _, row in levels):
-        series["RGB on splats rendered back"] = [100 * row["render_back"]["top1"] for _, row in levels]
-    for method in ("thumbnail", "jpeg"):
-        if all((method, name) in baselines for name, _ in levels):
-            series[f"RGB on {method}, same bytes"] = [100 * baselines[(method, name)]["top1"] for name, _ in levels]
-    figure, axis = new_figure(figsize=(7.5, 4.2))
-    width = 0.8 / len(series)
-    for index, (label, values) in enumerate(series.items()):
-        offsets = [i + (index - (len(series) - 1) / 2) * width for i in range(len(levels))]
-        bars = axis.bar(offsets, values, width, label=label)
-        axis.bar_label(bars, fmt="%.1f", fontsize=7)
-    axis.axhline(100 * evaluation["rgb"]["top1"], color="black", linestyle="--", linewidth=0.8, label="RGB pixels")
-    axis.set_xticks(range(len(levels)), [f"{name}\n{row['ratio_payload']:.1f}x" for name, row in levels])
-    axis.set_ylabel("zero-shot top-1 (%)")
-    axis.set_title(title or "The tower against its own splats rendered back")
-    axis.legend(fontsize=7, loc="lower left")
-    figure.tight_layout()
-    return figure
-
-
-def plot_training_curves(histories: dict[str, list[dict]]) -> Figure:
-    """Loss against step for every training stage (one panel each)."""
-    names = [name for name, rows in histories.items() if rows]
-    columns = min(4, max(1, len(names)))
-    rows_count = math.ceil(len(names) / columns) if names else 1
-    figure, axes = new_figure(rows_count, columns, figsize=(3.6 * columns, 2.8 * rows_count), squeeze=False)
-    for axis in axes.flat:
-        axis.axis("off")
-    for axis, name in zip(axes.flat, names):
-        axis.axis("on")
-        table = pd.DataFrame(histories[name])
-        axis.plot(table["step"], table["loss"])
-        axis.set_title(name, fontsize=9)
-        axis.set_xlabel("step")
-        axis.set_ylabel("loss")
-    figure.tight_layout()
-    return figure
-
-
-def plot_stage_times(stage_seconds: dict[str, float], throughput: dict[str, float] | None = None) -> Figure:
-    """Wall time of every stage, and fitting throughput (images/s) where known."""
-    import seaborn as sns  # imported here: it adds a second to every stage's start-up
-    panels = 2 if throughput else 1
-    figure, axes = new_figure(1, panels, figsize=(6 * panels, 3.8), squeeze=False)
-    names = list(stage_seconds)
-    sns.barplot(x=[stage_seconds[name] / 60 for name in names], y=names, ax=axes[0, 0], color="steelblue")
-    axes[0, 0].set_xlabel("minutes")
-    axes[0, 0].set_title(f"Stage wall time (total {sum(stage_seconds.values()) / 60:.1f} min)")
-    if throughput:
-        labels = list(throughput)
-        sns.barplot(x=[throughput[name] for name in labels], y=labels, ax=axes[0, 1], color="seagreen")
-        axes[0, 1].set_xlabel("images per second")
-        axes[0, 1].set_title("Fitting throughput")
-    figure.tight_layout()
+    Reads the columns ``level`` (``"N11"``), ``pruned_psnr`` and ``direct_psnr`` (one row per image)."""
+    levels = sorted(table["level"].unique(), key=splat_count, reverse=True)
+    figure, axis = new_figure(figsize=(7, 1.9 + 0.45 * max(2, len(levels))))
+    labels, sizes = [], []
+    for position, level in enumerate(levels):
+        rows = table[table["level"] == level]
+        mean, low, high, n = mean_interval(rows["pruned_psnr"] - rows["direct_psnr"])
+        draw_difference(axis, position, mean, low, high, colour="C1", marker="s", gid=str(level))
+        labels.append(f"{level} (n={n:,})")
+        sizes.append(n)
+    axis.axvline(0, color="black", linewidth=0.8)
+    axis.set_yticks(range(len(labels)), labels=labels)
+    axis.set_ylim(len(levels) - 0.5, -0.5)
+    axis.set_xlabel("pruned minus fitted directly, same steps (dB)")
+    axis.set_title(title or "Pruned from the level above minus fitted directly, per image")
+    legend_below(figure, fill_handles(unmeasured=min(sizes, default=2) < 2))
     return figure
 
 
 def plot_pruning(metrics: dict, fitted_count: int, split: str) -> Figure:
     """The prune stage's cascade on one split: PSNR at every level after pruning alone and after the
-    refit, and, where measured, the same count fitted directly with as many steps."""
-    levels = metrics["levels"]
-    names = list(levels)
-    counts = [levels[name][split]["splats"] for name in names]
-    before = [levels[name][split]["mean_psnr_before"] for name in names]
-    after = [levels[name][split]["mean_psnr"] for name in names]
-    figure, axis = new_figure(figsize=(6.5, 4))
-    pruned = [levels[name][split]["mean_psnr_pruned"] for name in names]
-    axis.plot([fitted_count, *counts], [before[0], *after], marker="o", label="pruned from the level above, refitted")
-    axis.plot(counts, pruned, marker="v", linestyle=":", color="grey", label="pruned only (no refit)")
+    refit, and, where measured, the same count fitted directly with as many steps.
+
+    Reads ``metrics["levels"][name][split]``: ``splats``, ``mean_psnr_before``, ``mean_psnr``,
+    ``mean_psnr_pruned`` and, when present, ``psnr_low`` / ``psnr_high`` (95 % interval of
+    ``mean_psnr``, drawn as error bars); and ``metrics["fit_small"][name]["fit_small"]`` if present."""
+    names = list(metrics["levels"])
+    rows = [metrics["levels"][name][split] for name in names]
+    counts = [row["splats"] for row in rows]
+    figure, axis = new_figure(figsize=(7, 4.6))
+    x = [fitted_count, *counts]
+    y = [rows[0]["mean_psnr_before"], *[row["mean_psnr"] for row in rows]]
+    style = {"marker": "o", "color": "C0", "label": "pruned from the level above, refitted"}
+    if all("psnr_low" in row and "psnr_high" in row for row in rows):
+        low = [math.nan, *[row["psnr_low"] for row in rows]]
+        high = [math.nan, *[row["psnr_high"] for row in rows]]
+        handles = [axis.errorbar(x, y, yerr=spans(y, low, high), capsize=3, **style)]
+    else:
+        handles = axis.plot(x, y, **style)
     if "fit_small" in metrics:
-        direct = [metrics["fit_small"][name]["fit_small"] for name in names]
-        axis.plot(counts, direct, marker="s", linestyle="--", label="fitted directly, same total steps")
-    axis.set_xscale("log")
-    axis.minorticks_off()
-    axis.set_xticks([fitted_count, *counts], labels=[str(c) for c in [fitted_count, *counts]])
+        direct = [metrics["fit_small"].get(name, {}).get("fit_small", math.nan) for name in names]
+        handles += axis.plot(np.asarray(counts) * nudge(2, 1), direct, marker="s", linestyle="--", color="C1",
+                             label="fitted directly, same total steps")
+    handles += axis.plot(counts, [row["mean_psnr_pruned"] for row in rows], marker="v", linestyle=":", color="grey",
+                         label="pruned only (no refit)")
+    plain_log_ticks(axis, x)
     axis.set_xlabel("splats per image")
     axis.set_ylabel(f"mean PSNR on {split} (dB)")
-    axis.set_title("Pruning: each level from the one above")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
+    axis.set_title(f"Pruning cascade on {split}: each level from the one above")
+    legend_below(figure, handles)
+    return figure
+
+
+# Data.
+
+
+def plot_captioned_samples(samples: list, columns: int = 8) -> Figure:
+    """Image-text samples (anything with ``.image [C, H, W]`` and ``.caption``), each caption wrapped
+    in full above its image (small font, never cut)."""
+    columns = max(1, min(columns, len(samples)))
+    rows = max(1, math.ceil(len(samples) / columns))
+    wrapped = [textwrap.fill(str(sample.caption), width=28) for sample in samples]
+    lines = max((caption.count("\n") + 1 for caption in wrapped), default=1)
+    figure, axes = new_figure(rows, columns, figsize=(1.9 * columns, (1.8 + 0.13 * lines) * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, sample, caption in zip(axes.flat, samples, wrapped):
+        axis.imshow(to_display(sample.image), cmap="gray")
+        axis.set_title(caption, fontsize=6.5)
+    return figure
+
+
+# Zero-shot accuracy.
+
+
+def plot_zero_shot_against_ratio(scores: dict, title: str = "Zero-shot accuracy against compression") -> Figure:
+    """The paper's main result, redrawn: zero-shot top-1 (%) against compression ratio, 95 % intervals.
+
+    ``scores`` is one evaluation set's scores. Reads ``rgb``: ``top1``, ``top1_low``, ``top1_high``,
+    ``source_bytes`` (and ``classes`` or ``rgb.per_class_top1`` for the chance line); each of
+    ``levels``: ``splats``, ``ratio_payload``, the three top-1 keys and ``render_back`` (the same);
+    each of ``baselines``: ``method``, ``mean_bytes``, ``over_budget_images`` and the top-1 keys.
+    RGB pixels are a dashed line in a shaded band; points of one level are nudged sideways a little."""
+    figure, axis = new_figure(figsize=(7.5, 5.2))
+    rgb = scores["rgb"]
+    axis.axhspan(100 * rgb.get("top1_low", rgb["top1"]), 100 * rgb.get("top1_high", rgb["top1"]),
+                 color="black", alpha=0.12, linewidth=0)
+    axis.axhline(100 * rgb["top1"], color="black", linestyle="--", linewidth=1,
+                 label=f"RGB pixels ({100 * rgb['top1']:.1f} %, band: 95 % interval)")
+    levels = sorted(scores["levels"].values(), key=lambda row: row["ratio_payload"])
+    ratios = np.array([row["ratio_payload"] for row in levels])
+    accuracy_errorbar(axis, ratios * nudge(4, 0), levels, marker="o", color="C0", label="splat tower")
+    backs = [(ratio, row["render_back"]) for ratio, row in zip(ratios, levels) if row.get("render_back")]
+    if backs:
+        accuracy_errorbar(axis, [ratio * nudge(4, 1) for ratio, _ in backs], [row for _, row in backs],
+                          marker="x", linestyle=":", color="C1", label="RGB model on the splats rendered back")
+    baselines = scores.get("baselines", [])
+    methods = list(dict.fromkeys(row["method"] for row in baselines))
+    for index, method in enumerate(methods):
+        name, marker, colour = BASELINES.get(method, (method, "D", f"C{4 + index}"))
+        for over in (False, True):
+            rows = [row for row in baselines if row["method"] == method and (row.get("over_budget_images", 0) > 0) == over]
+            if rows:
+                accuracy_errorbar(axis, [rgb["source_bytes"] / row["mean_bytes"] * nudge(4, 2 + index) for row in rows],
+                                  rows, marker=marker, linestyle="none", color=colour,
+                                  markerfacecolor="white" if over else colour,
+                                  label=f"RGB model on {name}, " + ("over budget" if over else "same bytes"))
+    classes = scores.get("classes") or len(rgb.get("per_class_top1", []))
+    if classes:
+        axis.axhline(100 / classes, color="grey", linestyle=":", label=f"chance ({100 / classes:.0f} %)")
+    splats_at = {float(row["ratio_payload"]): row["splats"] for row in levels}
+    other = [rgb["source_bytes"] / row["mean_bytes"] for row in baselines]
+    plain_log_ticks(axis, [*splats_at, *other], label=lambda ratio: ratio_label(ratio) + (
+        f"\nN={splats_at[ratio]}" if ratio in splats_at else ""))
+    axis.set_xlabel("compression ratio (source bytes / stored bytes)")
+    axis.set_ylabel("zero-shot top-1 (%)")
+    axis.set_title(title)
+    legend_below(figure, axis=axis)
+    return figure
+
+
+def relative_errorbar(axis: Axes, ratios: Sequence[float], rows: Sequence[dict], **style) -> ErrorbarContainer:
+    """``relative`` of ``rows`` with its ``relative_low`` / ``relative_high`` interval at ``ratios``."""
+    value = [row["relative"] for row in rows]
+    low = [row.get("relative_low", math.nan) for row in rows]
+    high = [row.get("relative_high", math.nan) for row in rows]
+    return axis.errorbar(ratios, value, yerr=spans(value, low, high), capsize=3, markersize=6, **style)
+
+
+def plot_relative_accuracy(scores: dict, paper_levels: dict[float, float], title: str = "") -> Figure:
+    """Finding (c): zero-shot top-1 relative to RGB pixels against compression ratio, ours (tower and
+    render-back, paired bootstrap 95 % intervals) beside the paper's (``paper_levels``: ratio ->
+    relative accuracy). Reads each of ``scores["levels"]``: ``ratio_payload``, ``relative``,
+    ``relative_low``, ``relative_high``, and ``render_back`` with the same three keys."""
+    figure, axis = new_figure(figsize=(7.5, 4.8))
+    levels = sorted(scores["levels"].values(), key=lambda row: row["ratio_payload"])
+    ratios = [row["ratio_payload"] for row in levels]
+    axis.axhline(1.0, color="grey", linestyle="--", linewidth=0.8, label="RGB pixels (1.0)")
+    relative_errorbar(axis, [ratio * nudge(2, 0) for ratio in ratios], levels, marker="o", color="C0",
+                      label="ours: splat tower")
+    backs = [(ratio, row["render_back"]) for ratio, row in zip(ratios, levels)
+             if row.get("render_back") and "relative" in row["render_back"]]
+    if backs:
+        relative_errorbar(axis, [ratio * nudge(2, 1) for ratio, _ in backs], [row for _, row in backs],
+                          marker="x", linestyle=":", color="C1", label="ours: RGB model on the splats rendered back")
+    paper_ratios = sorted(paper_levels)
+    axis.plot(paper_ratios, [paper_levels[ratio] for ratio in paper_ratios], marker="s", linestyle="none",
+              color="black", label="paper (v2, ViT-B/16, mean of 38 sets)")
+    plain_log_ticks(axis, [*ratios, *paper_ratios], label=ratio_label)
+    axis.set_xlabel("compression ratio (source bytes / stored bytes)")
+    axis.set_ylabel("top-1 / top-1 of RGB pixels")
+    axis.set_title(title or "Relative zero-shot accuracy against compression")
+    legend_below(figure, axis=axis)
+    return figure
+
+
+def plot_relative_against_paper(rows: list[dict], title: str = "") -> Figure:
+    """The paper's main result redrawn: relative top-1 (tower / RGB) against compression ratio, ours
+    per evaluation set with 95 % intervals, the paper's as one series.
+
+    Reads each row's ``set``, ``level``, ``ratio``, ``relative``, ``low``, ``high`` and ``paper`` (the
+    paper's relative accuracy at that level, or None); the paper's points sit at our levels' ratios."""
+    figure, axis = new_figure(figsize=(7.5, 4.8))
+    axis.axhline(1.0, color="grey", linestyle="--", linewidth=0.8, label="RGB pixels (1.0)")
+    sets = list(dict.fromkeys(row["set"] for row in rows))
+    for index, name in enumerate(sets):
+        ours = sorted((row for row in rows if row["set"] == name), key=lambda row: row["ratio"])
+        value = [row["relative"] for row in ours]
+        axis.errorbar([row["ratio"] * nudge(len(sets) + 1, index) for row in ours], value,
+                      yerr=spans(value, [row["low"] for row in ours], [row["high"] for row in ours]),
+                      marker="o", capsize=3, color=f"C{index}", label=f"ours: {name}")
+    by_level = {}
+    for row in rows:
+        if row.get("paper") is not None:
+            by_level.setdefault(row["level"], (row["ratio"], row["paper"]))
+    if by_level:
+        points = sorted(by_level.values())
+        axis.plot([ratio * nudge(len(sets) + 1, len(sets)) for ratio, _ in points], [value for _, value in points],
+                  marker="s", color="black", linestyle="--", linewidth=1, label=PAPER_LABEL)
+    plain_log_ticks(axis, [row["ratio"] for row in rows], label=ratio_label)
+    axis.set_xlabel("compression ratio (source bytes / stored bytes)")
+    axis.set_ylabel("relative top-1 (tower / RGB pixels)")
+    axis.set_title(title or "Relative zero-shot top-1 against compression, ours and the paper's")
+    legend_below(figure, axis=axis)
+    return figure
+
+
+def plot_tower_differences(comparisons: list[dict], title: str = "") -> Figure:
+    """Finding (d): at every level, the splat tower minus each other representation (percentage
+    points) with its 95 % interval, around a zero line; filled where the interval excludes 0.
+
+    Reads each dict's ``level``, ``ratio``, ``against``, ``difference``, ``low``, ``high`` (the
+    ``verdict`` is not drawn: the fill says the same). One row per level, sorted by ratio; the
+    representations of a level are spread vertically; one legend entry per representation present."""
+    levels = sorted({(row["ratio"], row["level"]) for row in comparisons})
+    against = [name for name in AGAINST if any(row["against"] == name for row in comparisons)]
+    against += [name for name in dict.fromkeys(row["against"] for row in comparisons) if name not in against]
+    height = 0.22 * max(1, len(against)) + 0.25
+    figure, axis = new_figure(figsize=(7.5, 1.9 + height * max(2, len(levels))))
+    position = {level: index for index, (_, level) in enumerate(levels)}
+    step = 0.8 / max(1, len(against))
+    handles = []
+    for index, name in enumerate(against):
+        marker, colour = AGAINST.get(name, ("v", f"C{4 + index}"))
+        handles.append(Line2D([], [], marker=marker, color=colour, linestyle="none", label=f"minus {name}"))
+        for row in comparisons:
+            if row["against"] == name:
+                y = position[row["level"]] + (index - (len(against) - 1) / 2) * step
+                draw_difference(axis, y, row["difference"], row["low"], row["high"], colour=colour, marker=marker,
+                                gid=f"{row['level']}|{name}")
+    for boundary in range(1, len(levels)):
+        axis.axhline(boundary - 0.5, color="lightgrey", linewidth=0.6)
+    axis.axvline(0, color="black", linewidth=0.8)
+    axis.set_yticks(range(len(levels)), labels=[f"{level} ({ratio_label(ratio)})" for ratio, level in levels])
+    axis.set_ylim(len(levels) - 0.5, -0.5)
+    axis.set_xlabel("tower minus the other (percentage points)")
+    axis.set_title(title or "Splat tower minus the other representations, per level")
+    legend_below(figure, handles + fill_handles())
+    return figure
+
+
+# Training and run time.
+
+
+def plot_training_curves(histories: dict[str, list[dict]]) -> Figure:
+    """Loss against step for every training stage, one panel each, at most 4 columns.
+
+    Reads ``{panel name: [{"step", "loss", ...}, ...]}``; panels with no rows are left out."""
+    names = [name for name, rows in histories.items() if rows]
+    columns = min(4, max(1, len(names)))
+    rows_count = math.ceil(len(names) / columns) if names else 1
+    figure, axes = new_figure(rows_count, columns, figsize=(3.4 * columns + 0.6, 2.9 * rows_count), squeeze=False)
+    for axis in axes.flat[len(names):]:
+        axis.set_visible(False)
+    for axis, name in zip(axes.flat, names):
+        table = pd.DataFrame(histories[name])
+        axis.plot(table["step"], table["loss"], linewidth=1)
+        axis.set_title(textwrap.fill(name, width=34), fontsize=9)
+        axis.set_xlabel("step")
+        axis.set_ylabel("loss")
+    if not names:
+        axes[0, 0].set_visible(True)
+        axes[0, 0].axis("off")
+        axes[0, 0].text(0.5, 0.5, "no training history", ha="center", va="center")
+    return figure
+
+
+DURATION_TICKS = {0.001: "1 ms", 0.01: "10 ms", 0.1: "0.1 s", 1: "1 s", 10: "10 s", 60: "1 min", 600: "10 min", 3600: "1 h", 36000: "10 h"}
+DECADE_TICKS = {10.0 ** power: plain_number(10.0 ** power) for power in range(-2, 9)}
+
+
+def duration_label(seconds: float) -> str:
+    """``8.2 s``, ``45 s``, ``3.4 min``, ``1.2 h``."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+
+
+def written_bars(axis: Axes, names: Sequence[str], values: Sequence[float], written: Sequence[str], *,
+                 colour: str, ticks: dict[float, str] | None = None) -> None:
+    """Horizontal bars, first name on top, each value ``written`` at its bar's end. With ``ticks``
+    (value -> label) the x axis is logarithmic with those plain labels, and the bars start at its
+    left edge; the axis leaves room right of the longest bar for its text."""
+    positions = range(len(names))
+    if ticks is None:
+        axis.barh(positions, values, color=colour)
+        axis.set_xlim(0, 1.3 * max(values) if max(values, default=0) > 0 else 1)
+    else:
+        values = [max(float(value), 1e-3) for value in values]
+        floor, top = min(values) / 2, max(values) * 8
+        axis.barh(positions, [value - floor for value in values], left=floor, color=colour)
+        axis.set_xscale("log")
+        axis.set_xlim(floor, top)
+        shown = [tick for tick in ticks if floor <= tick <= top]
+        axis.set_xticks(shown, labels=[ticks[tick] for tick in shown])
+        axis.minorticks_off()
+    for position, value, text in zip(positions, values, written):
+        axis.annotate(text, (value, position), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
+    axis.set_yticks(list(positions), labels=list(names))
+    axis.set_ylim(len(names) - 0.5, -0.5)
+
+
+def plot_stage_times(stage_seconds: dict[str, float], throughput: dict[str, float] | None = None) -> Figure:
+    """Wall time of every stage as horizontal bars on a log axis (one stage dominates the run), each
+    value written at its bar's end; beside it, fitting throughput (images/s) where known, on a log
+    axis too when its values spread over more than a factor of 20.
+
+    Reads ``stage_seconds``: ``{stage: seconds}`` and ``throughput``: ``{name: images per second}``."""
+    panels = 2 if throughput else 1
+    rows = max(len(stage_seconds), len(throughput or {}), 2)
+    figure, axes = new_figure(1, panels, figsize=(6.5 * panels, 1.4 + 0.38 * rows), squeeze=False)
+    seconds = [float(value) for value in stage_seconds.values()]
+    written_bars(axes[0, 0], list(stage_seconds), seconds, [duration_label(value) for value in seconds],
+                 colour="steelblue", ticks=DURATION_TICKS)
+    axes[0, 0].set_xlabel("wall time (log scale)")
+    axes[0, 0].set_title(f"Stage wall time (total {duration_label(sum(seconds))})")
+    if throughput:
+        values = [float(value) for value in throughput.values()]
+        positive = [value for value in values if value > 0]
+        spread = max(positive) / min(positive) if positive else 1.0
+        written_bars(axes[0, 1], list(throughput), values,
+                     [f"{value:,.1f}" if value < 100 else f"{value:,.0f}" for value in values],
+                     colour="seagreen", ticks=DECADE_TICKS if spread > 20 else None)
+        axes[0, 1].set_xlabel("images per second" + (" (log scale)" if spread > 20 else ""))
+        axes[0, 1].set_title("Fitting throughput")
     return figure

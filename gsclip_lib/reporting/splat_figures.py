@@ -7,6 +7,7 @@ that draw splats depend on the renderer through them.
 from __future__ import annotations
 
 import math
+import textwrap
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -18,6 +19,8 @@ from gsclip_lib.reporting.figures import new_figure, to_display
 from gsclip_lib.splats.container import Splats
 from gsclip_lib.splats.quality import psnr
 from gsclip_lib.splats.render import render_splats
+
+TITLE_CHARACTERS = 30  # a caption's line above a 2.2-inch image at 7.5 points
 
 
 def draw_splat_ellipses(
@@ -54,16 +57,20 @@ def plot_fit_gallery(
     titles: list[str] | None = None,
     psnr_by_count: dict[int, Tensor] | None = None,
 ) -> Figure:
-    """Rows of images: the original, then the render at each count (and its ellipses)."""
+    """Rows of images: the original, then the render at each count (and its ellipses).
+
+    ``titles`` (one per row, e.g. captions) are wrapped in full above the originals, never cut."""
     counts = sorted(renders, reverse=True)
     per_count = 2 if splats else 1
     columns = 1 + per_count * len(counts)
     rows = images.shape[0]
-    figure, axes = new_figure(rows, columns, figsize=(2.2 * columns, 2.3 * rows), squeeze=False)
+    wrapped = [textwrap.fill(str(title), width=TITLE_CHARACTERS) for title in titles] if titles else ["original"] * rows
+    lines = max((title.count("\n") + 1 for title in wrapped), default=1)
+    figure, axes = new_figure(rows, columns, figsize=(2.2 * columns, (2.1 + 0.15 * lines) * rows), squeeze=False)
     height, width = images.shape[-2:]
     for row in range(rows):
         axes[row, 0].imshow(to_display(images[row]), cmap="gray")
-        axes[row, 0].set_title(titles[row] if titles else "original", fontsize=9)
+        axes[row, 0].set_title(wrapped[row], fontsize=7.5)
         for k, count in enumerate(counts):
             axis = axes[row, 1 + per_count * k]
             axis.imshow(to_display(renders[count][row]), cmap="gray")
@@ -82,7 +89,6 @@ def plot_fit_gallery(
     for axis in axes.flat:
         axis.set_xticks([])
         axis.set_yticks([])
-    figure.tight_layout()
     return figure
 
 
@@ -97,7 +103,7 @@ def plot_level_examples(
     cutoff: float,
     backend: str,
 ) -> Figure:
-    """Originals beside their renders and ellipses at each level."""
+    """Originals (their captions above them, in full) beside their renders and ellipses at each level."""
     size = images.shape[-1]
 
     def chosen_backend(splats: Splats) -> str:
@@ -113,6 +119,6 @@ def plot_level_examples(
         images,
         {level: render.clamp(0, 1) for level, render in renders.items()},
         splats=splats_by_level,
-        titles=[caption[:28] for caption in captions],
+        titles=list(captions),
         psnr_by_count=quality,
     )

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import pandas as pd
 import torch
 from torch import Tensor
 
@@ -53,7 +52,6 @@ from gsclip_lib.models.splat_encoder import (
     save_splat_encoder,
 )
 from gsclip_lib.params import AlignConfig, DataConfig, LoaderConfig, OptimConfig, Params, level_name
-from gsclip_lib.reporting import figures, paper
 from gsclip_lib.stages.runner import StageResult
 from gsclip_lib.training.alignment import (
     AlignBatch,
@@ -260,22 +258,4 @@ def run(params: Params, *, level: int, progress: bool = True) -> StageResult:
         rgb, str(params.splat_dir(level, "train")), params.align, params.data,
         progress=progress, level=level,
     )
-    metrics = result.metrics
-    curves = {"distill": metrics["distill"]["history"], "contrastive": metrics["contrastive"]["history"]}
-    shares = metrics["parameter_shares"]
-    summary = pd.Series({
-        "pairs": metrics["pairs"],
-        "distill: final cosine to the teacher": metrics["distill"]["final"].get("cosine"),
-        "contrastive: final loss": metrics["contrastive"]["final_loss"],
-        "contrastive: final batch accuracy": metrics["contrastive"]["final"].get("batch_accuracy"),
-        "trainable share of the splat CLIP": round(shares["trainable_share"], 4),
-        "seconds": round(metrics["seconds"], 1),
-    }, name=level_name(level)).to_frame()
-    comparison = paper.comparison([{
-        "what": "trainable share of the splat CLIP",
-        "ours": round(shares["trainable_share"], 3),
-        "paper": paper.TRAINABLE_SHARE["v2"] if params.align.encoder.unfreeze_first_blocks else paper.TRAINABLE_SHARE["v1"],
-        "note": "paper: ViT-B/16 (v1 stem only 7 %, v2 with two blocks 9.7 %); ours: the tiny ViT",
-    }])
-    return StageResult(metrics=metrics, figures={"loss": figures.plot_training_curves(curves)}, summary=summary,
-                       comparison=comparison)
+    return StageResult(metrics=result.metrics)

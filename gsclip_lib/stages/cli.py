@@ -25,7 +25,7 @@ from gsclip_lib import distributed
 from gsclip_lib.errors import GsclipError
 from gsclip_lib.stages.runner import StageRun
 
-STAGES = ("fit_photos", "prepare", "fit", "prune", "pretrain", "align", "evaluate", "report")
+STAGES = ("fit_photos", "prepare", "fit", "prune", "pretrain", "align", "evaluate")
 LEVEL_STAGES = ("align",)
 
 

@@ -1,4 +1,4 @@
-"""Which files of the project each DVC stage runs: the import closure of its notebook.
+"""Which files of the project each DVC stage runs: the import closure of its stage module or notebook.
 
 DVC reruns a stage when one of its declared dependencies changes, so a stage must declare every
 module it executes, and no other (or an unrelated change reruns it). This module reads a
@@ -18,6 +18,7 @@ import argparse
 import ast
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -82,15 +83,27 @@ def closure(root: Path, sources: list[str]) -> list[str]:
     return sorted(files)
 
 
-def code_fingerprint(module: str) -> str:
-    """A hash of every project file that importing ``module`` executes: changes when its code does.
+# The parameter schema is not a dependency of any stage. It holds no value of its own (every value is
+# spelled in params.yaml, which tests/test_params.py enforces), and DVC tracks each stage's parameter
+# groups by value; the fit and prune fingerprints likewise hold the resolved values instead. So an edit
+# to the schema (a check, a message, a comment) reruns no stage, while a new field, which must also be
+# added to params.yaml, reruns exactly the stages that read its group.
+SCHEMA_FILE = "gsclip_lib/params.py"
 
-    Stages that resume from their own finished outputs keep it with them, so that outputs made by
-    other code are never kept.
+
+def code_fingerprint(module: str) -> str:
+    """A hash of every project file that importing ``module`` executes, the parameter schema aside:
+    changes when the code that computes the stage's outputs does.
+
+    Stages that resume from their own finished outputs keep it with them, beside the resolved values of
+    their parameters, so that outputs made by other code or other values are never kept. Drawing code
+    is not in it: stages draw nothing (``gsclip_lib.pages`` does).
     """
     root = Path(__file__).resolve().parents[2]
     digest = hashlib.sha256()
     for relative in closure(root, [f"import {module}"]):
+        if relative == SCHEMA_FILE:
+            continue
         path = root / relative
         for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
             if file.is_file():
@@ -107,20 +120,30 @@ def is_code_path(entry: str) -> bool:
     return entry.split("/", 1)[0] in PACKAGES
 
 
-def stage_notebooks(dvc_yaml: dict) -> dict[str, str]:
-    """DVC stage name (as in dvc.yaml, before foreach expansion) -> the notebook it runs."""
-    notebooks = {}
+CLI_STAGE = re.compile(r"-m gsclip_lib\.stages\.cli (\w+)")
+
+
+def stage_sources(root: Path, dvc_yaml: dict) -> dict[str, list[str]]:
+    """DVC stage name (as in dvc.yaml, before foreach expansion) -> the code it starts from: a page's
+    notebook cells, or, for a stage that runs ``python -m gsclip_lib.stages.cli <stage>``, the
+    command line and that stage's module."""
+    sources = {}
     for name, stage in dvc_yaml["stages"].items():
         body = stage.get("do", stage)
-        for dep in body.get("deps", []):
-            if isinstance(dep, str) and dep.startswith("notebooks/") and dep.endswith(".ipynb"):
-                notebooks[name] = dep
-    return notebooks
+        notebooks = [dep for dep in body.get("deps", [])
+                     if isinstance(dep, str) and dep.startswith("notebooks/") and dep.endswith(".ipynb")]
+        command = CLI_STAGE.search(" ".join(str(body.get("cmd", "")).split()))
+        if notebooks:
+            sources[name] = notebook_code(root / notebooks[0])
+        elif command:
+            sources[name] = ["import gsclip_lib.stages.cli", f"import gsclip_lib.stages.{command.group(1)}"]
+    return sources
 
 
 def expected_code_deps(root: Path, dvc_yaml: dict) -> dict[str, list[str]]:
-    """For every stage of ``dvc_yaml``, the code files its notebook executes."""
-    return {name: closure(root, notebook_code(root / notebook)) for name, notebook in stage_notebooks(dvc_yaml).items()}
+    """For every stage of ``dvc_yaml``, the code files it executes."""
+    return {name: [file for file in closure(root, sources) if file != SCHEMA_FILE]
+            for name, sources in stage_sources(root, dvc_yaml).items()}
 
 
 def declared_code_deps(dvc_yaml: dict) -> dict[str, list[str]]:
@@ -140,8 +163,8 @@ def differences(root: Path) -> dict[str, dict[str, list[str]]]:
     declared = declared_code_deps(dvc_yaml)
     found = {}
     for name, files in expected.items():
-        missing = sorted(set(files) - set(declared[name]))
-        extra = sorted(set(declared[name]) - set(files))
+        missing = sorted(set(files) - set(declared.get(name, [])))
+        extra = sorted(set(declared.get(name, [])) - set(files))
         if missing or extra:
             found[name] = {"missing": missing, "extra": extra}
     return found

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,13 +33,15 @@ from gsclip_lib.models.rgb_clip import create_rgb_clip
 from gsclip_lib.models.splat_clip import load_splat_clip
 from gsclip_lib.params import IMAGENET_SPLIT, DataConfig, Params, level_name
 from gsclip_lib.progress import progress_bar
-from gsclip_lib.reporting import figures, paper
 from gsclip_lib.splats.codec import compression_ratio, payload_bytes, record_bytes, source_bytes
 from gsclip_lib.splats.container import Splats
 from gsclip_lib.splats.render import render_splats
 from gsclip_lib.stages.align import teacher_model_config
 from gsclip_lib.stages.prepare import imagenet_class_names
 from gsclip_lib.stages.runner import StageResult
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 EVAL_CLASS_SOURCES = ("fashion_mnist", "imagenet")
 
@@ -115,7 +117,7 @@ def rendered_back(splats: Splats, image_size: int, backend: str = "auto") -> tor
 
 
 def _headline(scores: dict[str, Any]) -> dict[str, Any]:
-    return {key: scores[key] for key in ("top1", "top5", "images", "skipped", "per_class_top1")}
+    return {key: scores[key] for key in ("top1", "top5", "images", "skipped", "per_class_top1", "correct_top1", "keys")}
 
 
 def evaluate_all(params: Params, *, progress: bool = True) -> dict:
@@ -189,115 +191,55 @@ def evaluate_all(params: Params, *, progress: bool = True) -> dict:
     return results
 
 
-def comparison_rows(scores: dict[str, Any], split: str) -> list[dict[str, Any]]:
-    """Our relative zero-shot accuracy (splat tower / RGB) at each level beside the paper's, and the
-    render-back control's."""
-    rows = []
-    rgb_top1 = scores["rgb"]["top1"]
+def per_image_table(scores: dict[str, Any]) -> "pd.DataFrame":
+    """One set's per-image top-1 hits, one row per image, one 0/1 column per representation.
+
+    Columns: ``key``, ``rgb``, ``<level>`` (the tower), ``<level> render_back``, ``<method> <level>``
+    (the matched-bytes baselines). Rows are matched by sample key, so the paired tests of the report
+    compare the same images; an image missing from one representation (a fit that was dropped) is left
+    out of every column and counted in ``unpaired``. Removes the per-image lists from ``scores``.
+    """
+    import pandas as pd
+
+    columns = {"rgb": scores["rgb"]}
     for name, level in scores["levels"].items():
-        ratio = level["ratio_payload"]
-        rows.append({
-            "what": f"{split}: splats {name} ({ratio:.2f}x) / RGB top-1",
-            "ours": round(level["top1"] / rgb_top1, 3) if rgb_top1 else None,
-            "paper": paper.paper_relative_accuracy(ratio),
-            "note": "paper: v2, mean over 38 datasets, 224x224 RGB; ours: this set",
-        })
-        if level.get("render_back") and rgb_top1:
-            rows.append({
-                "what": f"{split}: {name} rendered back / RGB top-1",
-                "ours": round(level["render_back"]["top1"] / rgb_top1, 3),
-                "paper": None,
-                "note": "paper: rendering back loses about as much as the splat encoder (no number)",
-            })
-    return rows
+        columns[name] = level
+        columns[f"{name} render_back"] = level["render_back"]
+    for row in scores.get("baselines", []):
+        columns[f"{row['method']} {row['level']}"] = row
+    frames = []
+    for column, result in columns.items():
+        keys, correct = result.pop("keys", None), result.pop("correct_top1", None)
+        if keys is None or correct is None:
+            raise InputError(f"the {column} scores carry no sample keys: the paired tests cannot match images")
+        frames.append(pd.Series(correct, index=pd.Index(keys, name="key"), name=column, dtype="int8"))
+    table = pd.concat(frames, axis=1, join="inner")
+    scores["paired_images"] = len(table)
+    scores["unpaired"] = max(len(frame) for frame in frames) - len(table)
+    return table.reset_index()
 
 
-def findings(scores: dict[str, Any], split: str) -> list[str]:
-    """Plain sentences on one set's result: the tower against its own splats rendered back, against
-    the thumbnail and JPEG of the same bytes, and against the paper's relative accuracy."""
-    rgb_top1 = scores["rgb"]["top1"]
-    baselines = {(row["method"], row["level"]): row for row in scores.get("baselines", [])}
-    lines = []
-    for name, level in sorted(scores["levels"].items(), key=lambda item: item[1]["ratio_payload"]):
-        tower = 100 * level["top1"]
-        parts = [f"**{split} {name}** ({level['ratio_payload']:.1f}x): tower {tower:.1f} %"]
-        if level.get("render_back"):
-            back = 100 * level["render_back"]["top1"]
-            verdict = "at or above" if tower >= back else "below"
-            parts.append(f"{verdict} its splats rendered back ({back:.1f} %, {tower - back:+.1f} points)")
-        for method in ("thumbnail", "jpeg"):
-            row = baselines.get((method, name))
-            if row is None:
-                continue
-            if row.get("over_budget_images"):
-                parts.append(f"the {method} cannot fit the budget (it needs {row['mean_bytes']:.0f} bytes on average) "
-                             f"and scores {100 * row['top1']:.1f} %")
-            else:
-                gap = tower - 100 * row["top1"]
-                parts.append(f"{'beats' if gap > 0 else 'loses to'} the {method} of the same bytes by {abs(gap):.1f} points")
-        expected = paper.paper_relative_accuracy(level["ratio_payload"])
-        if rgb_top1 and expected is not None:
-            relative = level["top1"] / rgb_top1
-            if relative >= expected - 0.02:
-                parts.append(f"relative accuracy {relative:.2f}, in line with the paper's {expected:.2f}")
-            else:
-                parts.append(
-                    f"relative accuracy {relative:.2f} against the paper's {expected:.2f}: below it"
-                    + (" while its own splats rendered back hold more, so the tower is to blame"
-                       if level.get("render_back") and level["render_back"]["top1"] > level["top1"]
-                       else "; its splats rendered back hold no more, so at this budget the splats, not the tower, "
-                            "set the limit (the paper's levels keep 400-3136 splats; a small image's level keeps "
-                            "far fewer)")
-                )
-        lines.append("; ".join(parts) + ".")
-    return lines
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The few numbers ``dvc metrics show`` lists: zero-shot top-1 (%) of RGB and of every level's tower,
+    and each tower relative to RGB, on the first evaluation set."""
+    split, scores = next(iter(metrics["sets"].items()))
+    rgb = scores["rgb"]["top1"]
+    top1 = {"rgb": round(100 * rgb, 1)}
+    relative = {}
+    for name, level in scores["levels"].items():
+        top1[name] = round(100 * level["top1"], 1)
+        relative[name] = round(level["top1"] / rgb, 3) if rgb else None
+    return {"set": split, "top1": top1, "relative": relative}
 
 
 def run(params: Params, *, progress: bool = True) -> StageResult:
-    """The ``evaluate`` stage: scores; per set the accuracy against ratio, the relative accuracy beside
-    the paper's and the tower against render-back; the comparison; the findings in words
-    (``metrics["findings"][split]``, shown by the notebook)."""
-    metrics = evaluate_all(params, progress=progress)
-    made = {}
-    rows = []
-    metrics["findings"] = {}
-    for split, scores in metrics["sets"].items():
-        made[f"zero_shot_vs_ratio_{split}"] = figures.plot_zero_shot_against_ratio(
-            scores, title=f"Zero-shot top-1 against compression ({split})"
-        )
-        made[f"relative_accuracy_{split}"] = figures.plot_relative_accuracy(
-            scores, paper.RELATIVE_ZERO_SHOT, title=f"(c) Relative zero-shot accuracy against compression ({split})"
-        )
-        within_budget = {**scores, "baselines": [row for row in scores.get("baselines", [])
-                                                 if not row.get("over_budget_images")]}
-        made[f"tower_vs_render_back_{split}"] = figures.plot_tower_against_render_back(
-            within_budget, title=f"(d) The tower against its splats rendered back ({split})"
-        )
-        rows += comparison_rows(scores, split)
-        metrics["findings"][split] = findings(scores, split)
-    return StageResult(metrics=metrics, figures=made, summary=accuracy_table(metrics),
-                       comparison=paper.comparison(rows))
-
-
-def accuracy_table(metrics: dict) -> Any:
-    """Zero-shot top-1 / top-5 (%) of every representation on every set, one row each."""
+    """The ``evaluate`` stage: every score in ``metrics.json``, the per-image hits of every set in
+    ``per_image.csv`` (a ``set`` column; what the paired tests read) and the headline in ``headline.json``."""
     import pandas as pd
 
-    rows = []
-    for split, scores in metrics["sets"].items():
-        rows.append({"set": split, "representation": "RGB pixels", "bytes": scores["rgb"]["source_bytes"],
-                     "top1": scores["rgb"]["top1"], "top5": scores["rgb"]["top5"]})
-        for name, level in scores["levels"].items():
-            rows.append({"set": split, "representation": f"splats {name}", "bytes": level["payload_bytes"],
-                         "top1": level["top1"], "top5": level["top5"]})
-            back = level.get("render_back")
-            if back:
-                rows.append({"set": split, "representation": f"splats {name} rendered back (RGB model)",
-                             "bytes": level["payload_bytes"], "top1": back["top1"], "top5": back["top5"]})
-        for row in scores["baselines"]:
-            over = " (over budget)" if row.get("over_budget_images") else ""
-            rows.append({"set": split, "representation": f"{row['method']} at {row['level']} budget{over}",
-                         "bytes": round(row["mean_bytes"], 1), "top1": row["top1"], "top5": row["top5"]})
-    table = pd.DataFrame(rows)
-    table[["top1", "top5"]] = (100 * table[["top1", "top5"]]).round(1)
-    return table
+    metrics = evaluate_all(params, progress=progress)
+    hits = pd.concat([per_image_table(scores).assign(set=split) for split, scores in metrics["sets"].items()],
+                     ignore_index=True)
+    return StageResult(metrics=metrics, tables={"per_image": hits}, extra_json={"headline.json": headline(metrics)})
+
+

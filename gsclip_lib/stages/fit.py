@@ -36,14 +36,12 @@ from gsclip_lib.data.image_text_shards import EncodedImage, ImageTextSample, Ima
 from gsclip_lib.data.splat_shards import (
     SplatShardWriter,
     open_splat_shard,
-    read_level_examples,
     shard_is_complete,
     shards_of_this_rank,
     splat_shard_name,
 )
 from gsclip_lib.params import DataConfig, FitSettings, Params, level_name
 from gsclip_lib.progress import progress_bar
-from gsclip_lib.reporting import splat_figures
 from gsclip_lib.splats.codec import CodecError, compression_ratio, encode_splats, payload_bytes, source_bytes
 from gsclip_lib.splats.fitting import fit_splats
 from gsclip_lib.stages.dependencies import code_fingerprint
@@ -66,6 +64,7 @@ class SplatShardStats:
     fit_seconds: float = 0.0  # time spent in the optimizer
     record_bytes: int = 0  # stored bytes of all records written
     psnr_sum: float = 0.0
+    psnr_square_sum: float = 0.0  # for the spread of the per-image PSNR
     psnr_count: int = 0
     psnr_before_sum: float = 0.0  # pruning: the same images' PSNR at the level above
     psnr_before_count: int = 0
@@ -76,9 +75,18 @@ class SplatShardStats:
     def mean_psnr(self) -> float:
         return self.psnr_sum / self.psnr_count if self.psnr_count else math.nan
 
+    @property
+    def psnr_interval(self) -> tuple[float, float]:
+        """95 % interval of the mean PSNR (normal approximation over the images), dB."""
+        if self.psnr_count < 2:
+            return math.nan, math.nan
+        variance = max(self.psnr_square_sum / self.psnr_count - self.mean_psnr**2, 0.0) * self.psnr_count / (self.psnr_count - 1)
+        half = 1.96 * math.sqrt(variance / self.psnr_count)
+        return self.mean_psnr - half, self.mean_psnr + half
+
     # The fields that describe the samples themselves: what a finished shard's stats file keeps.
     SAMPLE_FIELDS = ("images", "dropped_fits", "no_source_image", "fit_seconds", "record_bytes", "psnr_sum",
-                     "psnr_count", "psnr_before_sum", "psnr_before_count", "psnr_pruned_sum", "psnr_pruned_count")
+                     "psnr_square_sum", "psnr_count", "psnr_before_sum", "psnr_before_count", "psnr_pruned_sum", "psnr_pruned_count")
 
     def shard_record(self) -> dict[str, Any]:
         """What one shard's stats file holds."""
@@ -115,6 +123,7 @@ class SplatShardStats:
         self.record_bytes += len(record)
         if math.isfinite(quality):
             self.psnr_sum += quality
+            self.psnr_square_sum += quality * quality
             self.psnr_count += 1
 
 
@@ -150,6 +159,8 @@ def level_metrics(stats: SplatShardStats, count: int, data: DataConfig) -> dict:
         "splats": count,
         "images": stats.images,
         "mean_psnr": stats.mean_psnr,
+        "mean_psnr_low": stats.psnr_interval[0],
+        "mean_psnr_high": stats.psnr_interval[1],
         "payload_bytes": payload,
         "ratio_payload": round(compression_ratio(source, payload), 4),
         "record_bytes_mean": stats.record_bytes / max(stats.images, 1),
@@ -160,16 +171,6 @@ def level_metrics(stats: SplatShardStats, count: int, data: DataConfig) -> dict:
         "dropped_fits": stats.dropped_fits,
         "skipped": stats.skip_counts.as_dict(),
     }
-
-
-def splits_summary(metrics: dict, splits: Iterable[str]):
-    """A fit or prune stage's metrics as one row per split, for the notebook."""
-    import pandas as pd
-
-    columns = ["splats", "images", "mean_psnr_before", "mean_psnr_pruned", "mean_psnr", "psnr_cost",
-               "ratio_payload", "images_per_second", "dropped_fits", "shards_written", "shards_skipped"]
-    return pd.DataFrame({split: {key: metrics[split].get(key) for key in columns if key in metrics[split]}
-                         for split in splits}).T
 
 
 def skipped_total(metrics: dict) -> int:
@@ -356,30 +357,13 @@ def fit_level(params: Params, *, progress: bool = True) -> dict:
     return metrics
 
 
-def example_figure(params: Params, counts: list[int], split: str | None = None, count: int = 6):
-    """The first images of an evaluation split beside their splats at each of ``counts``."""
-    split = split or params.shown_split()
-    examples = read_level_examples(
-        {level: params.splat_dir(level, split) for level in counts},
-        params.splat_splits()[split],
-        image_size=params.data.image_size, channels=params.data.channels, resize_mode=params.data.resize_mode,
-        count=count,
-    )
-    settings = params.fit.optimizer
-    return splat_figures.plot_level_examples(examples.images, examples.splats, examples.captions, cutoff=settings.cutoff,
-                                       backend=settings.backend)
-
-
 def run(params: Params, *, progress: bool = True) -> StageResult:
-    """The ``fit`` stage: every split fitted at the largest level, and a figure of examples."""
+    """The ``fit`` stage: every split fitted at the largest level."""
     metrics = fit_level(params, progress=progress)
     empty = [split for split in params.splat_splits() if metrics[split]["images"] == 0]
     if empty:
         raise RuntimeError(f"the fit stage wrote no image for the split(s) {empty}: {metrics}")
-    figures_made = {}
-    if distributed.is_main():
-        figures_made["examples"] = example_figure(params, [params.fit.num_splats])
-    return StageResult(metrics=metrics, figures=figures_made, summary=splits_summary(metrics, params.splat_splits()))
+    return StageResult(metrics=metrics)
 
 
 __all__ = ["SplatShardStats", "batched", "fit_level", "fit_split", "level_metrics", "run", "skipped_total"]

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 import pandas as pd
 from torch import Tensor
 
+from gsclip_lib.atomic_files import save_torch
 from gsclip_lib.data.image_decoding import images_to_uint8
 from gsclip_lib.data.photos import load_photos
 from gsclip_lib.evaluation.jpeg_baseline import jpeg_psnr_at_budget
 from gsclip_lib.params import Params, PhotoFitConfig, level_name
-from gsclip_lib.reporting import figures, paper, splat_figures
 from gsclip_lib.splats import codec
 from gsclip_lib.splats.container import Splats
 from gsclip_lib.splats.fitting import FitResult, fit_splats
@@ -141,57 +141,21 @@ def photo_fit_history(outcome: PhotoFitOutcome) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def fitted_photos(outcome: PhotoFitOutcome, photos: list[str]) -> dict:
+    """What the page draws the gallery from: the photos and every count's direct fit, as plain tensors."""
+    return {
+        "photos": list(photos),
+        "images": outcome.images.cpu(),  # [B, 3, S, S] float in [0, 1]
+        "splats": {count: {name: getattr(fit.splats, name).cpu() for name in ("positions", "cholesky", "colours", "valid")}
+                   for count, fit in outcome.fits.items()},
+    }
+
+
 def run(params: Params, *, progress: bool = True) -> StageResult:
-    """The ``fit_photos`` stage: fits, the gallery, PSNR against size and steps, the metrics."""
+    """The ``fit_photos`` stage: the fits, their table, PSNR curves and the fitted splats (``fits.pt``)."""
     config = params.fit_photos
     outcome = fit_photos(config, progress=progress)
-    history = photo_fit_history(outcome)
     metrics = photo_fit_metrics(outcome)
     metrics["dropped"] = {str(count): fit.dropped for count, fit in outcome.fits.items() if fit.dropped}
-    gallery = splat_figures.plot_fit_gallery(
-        outcome.images,
-        outcome.renders,
-        splats={count: fit.splats for count, fit in outcome.fits.items()},
-        titles=list(config.photos),
-        psnr_by_count={count: fit.psnr for count, fit in outcome.fits.items()},
-    )
-    largest = max(config.splat_counts)
-    largest_row = metrics["levels"][level_name(largest)]
-    rows = [{
-        "what": f"PSNR at {largest} splats (dB)",
-        "ours": round(largest_row["psnr"], 2),
-        "paper": paper.PHOTO_PSNR["psnr_db"],
-        "note": f"ours after {config.optimizer.iterations} steps on {len(config.photos)} photo(s) at "
-        f"{config.image_size}px; the paper's after {paper.PHOTO_PSNR['iterations']} on 224px",
-    }]
-    if outcome.random_init is not None:
-        reference = paper.GRID_VS_RANDOM
-        rows.append({
-            "what": f"grid init minus random init at {largest} splats (dB)",
-            "ours": round(largest_row["psnr"] - largest_row["psnr_random_init"], 2),
-            "paper": round(reference["grid_db"] - reference["random_db"], 2),
-            "note": f"ours: {config.optimizer.iterations} steps; paper: {reference['splats']} splats, "
-            f"{reference['iterations']} steps",
-        })
-    for count in sorted(outcome.pruned, reverse=True):
-        row = metrics["levels"][level_name(count)]
-        rows.append({
-            "what": f"{count} splats: pruned from larger minus fitted directly (dB)",
-            "ours": round(row["psnr_pruned_from_larger"] - row["psnr"], 2),
-            "paper": "> 0 (pruning a large fit wins)",
-            "note": f"{row['steps']:.0f} steps each route",
-        })
-    figures_made = {
-        "gallery": gallery,
-        "psnr_vs_size": figures.plot_psnr_against_size(outcome.table),
-        "psnr_history": figures.plot_psnr_history(history),
-    }
-    if outcome.pruned or outcome.random_init is not None:
-        figures_made["findings"] = figures.plot_photo_findings(outcome.table)
-    return StageResult(
-        metrics=metrics,
-        figures=figures_made,
-        tables={"table": outcome.table, "history": history},
-        summary=outcome.table.drop(columns=["seconds_per_iteration"]).round(2),
-        comparison=paper.comparison(rows),
-    )
+    save_torch(fitted_photos(outcome, list(config.photos)), params.stage_dir("fit_photos") / "fits.pt")
+    return StageResult(metrics=metrics, tables={"table": outcome.table, "history": photo_fit_history(outcome)})

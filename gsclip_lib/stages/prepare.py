@@ -20,7 +20,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from gsclip_lib.atomic_files import write_json
 from gsclip_lib.data.captions import captions_for_labels
@@ -37,7 +36,6 @@ from gsclip_lib.data.image_text_shards import (
 from gsclip_lib.errors import InputError
 from gsclip_lib.params import IMAGENET_SPLIT, DataConfig, Params
 from gsclip_lib.progress import progress_bar
-from gsclip_lib.reporting import figures
 from gsclip_lib.stages.runner import StageResult
 
 logger = logging.getLogger(__name__)
@@ -61,18 +59,7 @@ def run(params: Params, *, progress: bool = True) -> StageResult:
         old.unlink(missing_ok=True)  # a folder no longer configured must not linger as a split
     if data.imagenet_dir:
         metrics["splits"][IMAGENET_SPLIT] = prepare_image_folder(data, progress=progress)
-    figure_split = "train" if "train" in wanted else next(iter(metrics["splits"]), None)
-    result_figures = {}
-    if figure_split is not None:
-        reader = ImageTextShards(data.prepared_shards(figure_split), channels=data.channels, rank=0, world_size=1)
-        samples = [sample for _, sample in zip(range(16), reader)]
-        result_figures["samples"] = figures.plot_captioned_samples(samples)
-    summary = pd.DataFrame(
-        {split: {"images": values["images"], "shards": values["shards"], "skipped": sum(
-            count for reason, count in values["skipped"].items() if reason != "good")}
-         for split, values in metrics["splits"].items()}
-    ).T
-    return StageResult(metrics=metrics, figures=result_figures, summary=summary)
+    return StageResult(metrics=metrics)
 
 
 def prepare_fashion_mnist_split(data: DataConfig, split: str) -> dict:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import pandas as pd
 import torch
 from open_clip import ClipLoss
 
@@ -35,7 +34,6 @@ from gsclip_lib.data.streaming import StreamPlan, SkipTally, check_enough_shards
 from gsclip_lib.errors import InputError
 from gsclip_lib.models.rgb_clip import create_rgb_clip, save_rgb_clip
 from gsclip_lib.params import DataConfig, LoaderConfig, OptimConfig, Params, PretrainConfig, RgbModelConfig
-from gsclip_lib.reporting import figures
 from gsclip_lib.stages.runner import StageResult
 from gsclip_lib.training.loop import train
 from gsclip_lib.training.objectives import clamp_logit_scale, clip_loss_fn
@@ -125,8 +123,4 @@ def run(params: Params, *, progress: bool = True) -> StageResult:
                    "history": []}
         return StageResult(metrics=metrics)
     metrics = pretrain_rgb(model, params.pretrain, params.data, progress=progress)
-    curves = figures.plot_training_curves({"pretrain RGB CLIP": metrics["history"]})
-    shown = ("model", "parameters", "train_images", "steps", "final_loss", "final_logit_scale", "seconds",
-             "images_per_second")
-    summary = pd.Series({key: metrics[key] for key in shown}, name="pretrain").to_frame()
-    return StageResult(metrics=metrics, figures={"loss": curves}, summary=summary)
+    return StageResult(metrics=metrics)

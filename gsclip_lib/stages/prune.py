@@ -24,6 +24,8 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
 
@@ -33,14 +35,15 @@ from gsclip_lib.data.splat_shards import (
     SplatSample,
     SplatShards,
     SplatShardWriter,
+    collate_splats,
     open_splat_shard,
     shards_of_this_rank,
     splat_shard_name,
+    splat_dataset,
 )
 from gsclip_lib.errors import InputError
 from gsclip_lib.params import DataConfig, FitSettings, Params, level_name
 from gsclip_lib.progress import progress_bar, report
-from gsclip_lib.reporting import figures, paper
 from gsclip_lib.splats.codec import CodecError, decode_batch, encode_splats, payload_bytes
 from gsclip_lib.splats.fitting import fit_splats
 from gsclip_lib.splats.pruning import SCORES, keep_best, prune_score
@@ -51,14 +54,12 @@ from gsclip_lib.stages.dependencies import code_fingerprint
 from gsclip_lib.stages.fit import (
     SplatShardStats,
     batched,
-    example_figure,
     finished_shard_stats,
     finite_or_none,
     group_by_shape,
     level_metrics,
     reset_if_changed,
     skipped_total,
-    splits_summary,
     stats_path,
 )
 from gsclip_lib.stages.runner import StageResult
@@ -245,66 +246,59 @@ def prune_cascade(params: Params, *, progress: bool = True) -> dict:
     return metrics
 
 
-def fit_small_comparison(params: Params, metrics: dict, *, progress: bool = True) -> dict:
+FIT_SMALL_COLUMNS = ("key", "level", "pruned_psnr", "direct_psnr")  # the per-image table of the comparison
+
+
+def _pruned_psnr(samples: list, splats_by_key: dict[str, SplatSample], settings: FitSettings, device) -> Tensor:  # [B]
+    """PSNR of each image of ``samples`` rendered from its stored pruned splats."""
+    images = torch.stack([sample.image for sample in samples]).to(device)
+    splats = collate_splats([splats_by_key[sample.key] for sample in samples]).splats.to(device)
+    renders = render_splats(splats, images.shape[-2], images.shape[-1], backend=settings.backend,
+                            cutoff=settings.cutoff)
+    return psnr(images, renders).cpu()
+
+
+def fit_small_comparison(params: Params, metrics: dict, *, progress: bool = True) -> tuple[dict, pd.DataFrame]:
     """Each pruned level's count fitted directly on the evaluation split, with the cascade's total
-    steps: ``{level: {"pruned": dB, "fit_small": dB, "steps": n}}``."""
+    steps: ``{level: {"pruned": dB, "fit_small": dB, "steps": n}}`` (means), and the per-image table
+    (``key``, ``level``, ``pruned_psnr``, ``direct_psnr``) that the page's paired comparison reads."""
     split = params.shown_split()
     reader = ImageTextShards(params.splat_splits()[split], image_size=params.data.image_size,
                              resize_mode=params.data.resize_mode, channels=params.data.channels, rank=0, world_size=1)
     device = distributed.default_device()
-    comparison = {}
+    comparison, frames = {}, []
     for level in sorted(params.prune.levels, reverse=True):
         row = metrics["levels"][level_name(level)][split]
         settings = params.fit.optimizer.replace(iterations=row["total_steps"])
-        psnr_sum, count = 0.0, 0
-        for batch in batched(reader, params.fit.batch_size):
+        stored = {sample.key: sample for sample in splat_dataset(str(params.splat_dir(level, split)), rank=0, world_size=1)}
+        for batch in batched((sample for sample in reader if sample.key in stored), params.fit.batch_size):
             images = torch.stack([sample.image for sample in batch]).to(device)
-            result = fit_splats(images, level, settings, progress=False)
-            finite = result.psnr[torch.isfinite(result.psnr)]
-            psnr_sum, count = psnr_sum + float(finite.sum()), count + int(finite.numel())
+            direct = fit_splats(images, level, settings, progress=False).psnr.cpu()
+            pruned = _pruned_psnr(batch, stored, settings, device)
+            frames.append(pd.DataFrame({"key": [sample.key for sample in batch], "level": level_name(level),
+                                        "pruned_psnr": pruned.numpy(), "direct_psnr": direct.numpy()}))
+        level_rows = pd.concat([frame for frame in frames if (frame["level"] == level_name(level)).all()])
+        finite = level_rows[np.isfinite(level_rows[["pruned_psnr", "direct_psnr"]]).all(axis=1)]
         comparison[level_name(level)] = {
-            "split": split, "steps": row["total_steps"], "pruned": row["mean_psnr"],
-            "fit_small": psnr_sum / count if count else math.nan,
+            "split": split, "steps": row["total_steps"], "images": len(finite),
+            "pruned": float(finite["pruned_psnr"].mean()) if len(finite) else math.nan,
+            "fit_small": float(finite["direct_psnr"].mean()) if len(finite) else math.nan,
         }
         if progress:
-            report(f"{split}: {level_name(level)} pruned {row['mean_psnr']:.2f} dB, fit directly "
-                   f"{comparison[level_name(level)]['fit_small']:.2f} dB ({row['total_steps']} steps each)")
-    return comparison
+            small = comparison[level_name(level)]
+            report(f"{split}: {level_name(level)} pruned {small['pruned']:.2f} dB, fit directly "
+                   f"{small['fit_small']:.2f} dB ({row['total_steps']} steps each)")
+    return comparison, pd.concat(frames, ignore_index=True)
 
 
 def run(params: Params, *, progress: bool = True) -> StageResult:
-    """The ``prune`` stage: the cascade of pruned levels, their figures and the paper's comparison."""
+    """The ``prune`` stage: the cascade of pruned levels and, when asked, the direct fits beside them."""
     metrics = prune_cascade(params, progress=progress)
     for name, splits in metrics["levels"].items():
         empty = [split for split, row in splits.items() if row["images"] == 0]
         if empty:
             raise RuntimeError(f"the prune stage wrote no image of {name} for the split(s) {empty}")
-    if params.prune.compare_fit_small:
-        metrics["fit_small"] = fit_small_comparison(params, metrics, progress=progress)
-    figures_made = {}
-    split = params.shown_split()
-    if distributed.is_main():
-        figures_made["examples"] = example_figure(params, params.levels())
-        figures_made["psnr_by_level"] = figures.plot_pruning(metrics, params.fit.num_splats, split)
-    low, high = paper.PRUNE_COST_DB["cost_db"]
-    rows = []
-    for name, splits in metrics["levels"].items():
-        row = splits[split]
-        rows.append({
-            "what": f"{split}: PSNR cost of {row['pruned_from']} -> {row['splats']} splats (dB)",
-            "ours": round(row["psnr_cost"], 2),
-            "paper": f"{low:g}-{high:g} for 60-80 % pruned",
-            "note": f"{100 * (1 - row['splats'] / row['pruned_from']):.0f} % pruned, refit {params.prune.refit_iterations} steps",
-        })
-        if "fit_small" in metrics:
-            small = metrics["fit_small"][name]
-            rows.append({
-                "what": f"{split}: {name} pruned from large against fitted directly (dB)",
-                "ours": f"{small['pruned']:.2f} vs {small['fit_small']:.2f}",
-                "paper": "pruning from large wins",
-                "note": f"{small['steps']} steps each",
-            })
-    summary = splits_summary({f"{name} {split}": row for name, splits in metrics["levels"].items()
-                              for split, row in splits.items()}, [f"{name} {split}" for name, splits in
-                                                                  metrics["levels"].items() for split in splits])
-    return StageResult(metrics=metrics, figures=figures_made, summary=summary, comparison=paper.comparison(rows))
+    tables = {"fit_small": pd.DataFrame(columns=FIT_SMALL_COLUMNS)}  # empty when not compared
+    if params.prune.compare_fit_small and distributed.is_main():
+        metrics["fit_small"], tables["fit_small"] = fit_small_comparison(params, metrics, progress=progress)
+    return StageResult(metrics=metrics, tables=tables)

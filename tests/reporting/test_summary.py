@@ -7,8 +7,6 @@ from gsclip_lib.errors import InputError
 from gsclip_lib.reporting.summary import (
     collect_reports,
     fitting_throughput,
-    markdown_table,
-    results_table,
     stage_seconds,
     training_histories,
 )
@@ -53,28 +51,12 @@ def params(reports, defaults):
     return defaults.params(f"paths.reports={reports}", "fit.num_splats=22", "prune.levels=[11]")
 
 
-def test_results_table_has_a_row_per_set_and_representation(params):
-    collected = collect_reports(params)
-    table = results_table(collected)
-    assert list(table["set"]) == ["eval"] * 5 + ["imagenet"] * 2
-    assert list(table["representation"]) == [
-        "RGB pixels", "splats N22", "splats N22 rendered back, RGB model", "jpeg at N22 budget",
-        "thumbnail at N22 budget (over budget: 7 of 1000 images)",
-        "RGB pixels", "splats N22",
-    ]
-    assert list(table["top1"]) == [83.0, 70.0, 75.0, 80.0, 60.0, 90.0, 70.0]
-    assert table["ratio"].tolist()[:4] == [1.0, 2.97, 2.97, 3.0]
-    text = markdown_table(table)
-    assert text.splitlines()[0] == "| set | representation | bytes | ratio | top1 | top5 |"
-    assert "| eval | jpeg at N22 budget | 261.6 | 3.0 | 80.0 | 100.0 |" in text
-
-
 def test_times_throughput_and_curves(params):
     collected = collect_reports(params)
     assert set(collected) == {"fit_photos", "prepare", "fit", "pretrain", "evaluate", "prune", "align/N22", "align/N11"}
     seconds = stage_seconds(collected)
     assert seconds["fit"] == 100.0 and seconds["align/N11"] == 50.0 and sum(seconds.values()) == 425.0
-    assert fitting_throughput(collected) == {"fit N22 train": 40.0, "fit N22 imagenet": 20.0, "photo 224px 400": 0.5}
+    assert fitting_throughput(collected) == {"fit N22 train": 40.0, "fit N22 imagenet": 20.0, "photo 400": 0.5}
     assert set(training_histories(collected)) == {"pretrain RGB CLIP", "distill N22", "align N22", "distill N11", "align N11"}
 
 

@@ -33,9 +33,7 @@ def test_data_stages_from_the_command_line(fashion_mnist, tmp_path, monkeypatch)
         assert row["total_steps"] == 2 + 2 * (1 if level == 4 else 2)
         assert row["psnr_cost"] == pytest.approx(row["mean_psnr_before"] - row["mean_psnr"])
     assert set(pruned["fit_small"]) == {"N4", "N2"}
-    for name in ("examples", "psnr_by_level"):
-        assert (reports / "prune" / "figures" / f"{name}.png").stat().st_size > 1000
-    assert (reports / "prepare" / "figures" / "samples.png").is_file()
+    assert not (reports / "figures").exists(), "a computing stage draws nothing"
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Which evaluation sets a run scores, with which class names and prompts; render-back and the findings."""
+"""Which evaluation sets a run scores, with which class names and prompts; render-back; the per-image table."""
 
 import pytest
 
@@ -6,14 +6,11 @@ from gsclip_lib.atomic_files import write_json
 from gsclip_lib.data.captions import FASHION_MNIST_EVAL_TEMPLATES, IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from gsclip_lib.data.fashion_mnist import FASHION_MNIST_CLASSES
 from gsclip_lib.errors import ConfigError, InputError
-from gsclip_lib.reporting import figures, paper
 from gsclip_lib.splats.container import Splats
 from gsclip_lib.stages.evaluate import (
-    accuracy_table,
     class_names_and_templates,
-    comparison_rows,
     evaluation_sets,
-    findings,
+    per_image_table,
     rendered_back,
 )
 
@@ -66,55 +63,26 @@ def test_invalid_evaluate_settings_are_named(defaults):
         defaults.params("data.imagenet_class_names=names.txt")
 
 
-def _scores() -> dict:
-    """One evaluation set's scores, as the evaluate stage writes them, with made-up numbers."""
-    def level(splats, ratio, top1, back):
-        return {"splats": splats, "payload_bytes": 12 * splats, "ratio_payload": ratio, "top1": top1, "top5": 0.99,
-                "render_back": {"top1": back, "top5": 0.99, "images": 100, "skipped": 0, "per_class_top1": []}}
-
-    return {
-        "classes": 10,
-        "rgb": {"top1": 0.80, "top5": 0.99, "source_bytes": 784, "per_class_top1": [0.8] * 10},
-        "levels": {"N22": level(22, 2.97, 0.78, 0.80), "N3": level(3, 21.78, 0.52, 0.40)},
-        "baselines": [
-            {"method": "thumbnail", "level": "N22", "top1": 0.75, "top5": 0.99, "mean_bytes": 260.0},
-            {"method": "thumbnail", "level": "N3", "top1": 0.55, "top5": 0.99, "mean_bytes": 36.0},
-            {"method": "jpeg", "level": "N3", "top1": 0.79, "top5": 0.99, "mean_bytes": 199.2, "over_budget_images": 100},
-        ],
-    }
-
-
-def test_findings_name_the_gaps_in_words():
-    first, second = findings(_scores(), "eval")
-    assert first.startswith("**eval N22** (3.0x): tower 78.0 %")
-    assert "below its splats rendered back (80.0 %, -2.0 points)" in first
-    assert "beats the thumbnail of the same bytes by 3.0 points" in first
-    assert "relative accuracy 0.97, in line with the paper's 0.98" in first
-    assert "at or above its splats rendered back (40.0 %, +12.0 points)" in second
-    assert "loses to the thumbnail of the same bytes by 3.0 points" in second
-    assert "the jpeg cannot fit the budget (it needs 199 bytes on average) and scores 79.0 %" in second
-    assert "relative accuracy 0.65 against the paper's 0.91: below it; its splats rendered back hold no more" in second
-
-
-def test_render_back_reaches_the_table_and_the_figures():
-    scores = _scores()
-    table = accuracy_table({"sets": {"eval": scores}})
-    backs = table[table.representation.str.contains("rendered back")]
-    assert list(backs.top1) == [80.0, 40.0]
-    rows = comparison_rows(scores, "eval")
-    assert [row["ours"] for row in rows if "rendered back" in row["what"]] == [1.0, 0.5]
-    relative = figures.plot_relative_accuracy(scores, paper.RELATIVE_ZERO_SHOT)
-    labels = [line.get_label() for line in relative.axes[0].get_lines()]
-    assert "ours: RGB model on the splats rendered back" in labels and any(label.startswith("paper") for label in labels)
-    bars = figures.plot_tower_against_render_back(scores)
-    assert len(bars.axes[0].containers) == 3  # tower, render-back, thumbnail (JPEG at N3 only: no series)
-    ratio = figures.plot_zero_shot_against_ratio(scores)
-    assert "RGB on the splats rendered back" in [line.get_label() for line in ratio.axes[0].get_lines()]
-
-
 def test_rendered_back_is_an_image_in_the_unit_range(random_splats):
     splats = random_splats(2, 6, height=12, width=12, beyond=0.0)
     splats = Splats.from_tensors(splats.positions, splats.cholesky, splats.colours * 5)  # too bright: clamped
     image = rendered_back(splats, 12, backend="windowed")
     assert image.shape == (2, 1, 12, 12)
     assert float(image.min()) >= 0.0 and float(image.max()) == 1.0
+
+
+def test_per_image_table_pairs_images_by_key_and_counts_the_unpaired():
+    scores = {
+        "rgb": {"top1": 0.5, "keys": ["a", "b", "c"], "correct_top1": [1, 0, 1]},
+        "levels": {"N22": {"top1": 1.0, "keys": ["b", "a"], "correct_top1": [1, 1],  # c's fit was dropped
+                           "render_back": {"top1": 0.5, "keys": ["a", "b"], "correct_top1": [0, 1]}}},
+        "baselines": [{"method": "jpeg", "level": "N22", "keys": ["a", "b", "c"], "correct_top1": [1, 1, 0]}],
+    }
+    table = per_image_table(scores)
+    assert list(table.columns) == ["key", "rgb", "N22", "N22 render_back", "jpeg N22"]
+    assert table.set_index("key").loc["a"].tolist() == [1, 1, 0, 1]
+    assert scores["paired_images"] == 2 and scores["unpaired"] == 1
+    assert "keys" not in scores["rgb"] and "correct_top1" not in scores["levels"]["N22"]["render_back"]
+    scores["rgb"].update(keys=None, correct_top1=[1])
+    with pytest.raises(InputError, match="no sample keys"):
+        per_image_table(scores)

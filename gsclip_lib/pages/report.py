@@ -1,0 +1,95 @@
+"""Page ``07_report``: the paper's main result redrawn with our intervals, the results table, the
+conclusions, and the README's results block, all generated from this run's files.
+
+:func:`readme_block` is the Markdown between the README's markers (:data:`BEGIN`, :data:`END`);
+the page writes it to ``reports/report/results.md`` and into ``README.md``, and a test checks that
+the committed README holds exactly what the committed metrics give.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gsclip_lib.atomic_files import write_text
+from gsclip_lib.errors import InputError
+from gsclip_lib.pages.evaluate import annotated_sets
+from gsclip_lib.pages.frame import PageContent, read_csv
+from gsclip_lib.params import Params
+from gsclip_lib.reporting import comparisons, figures
+from gsclip_lib.reporting.summary import collect_reports, fitting_throughput, stage_seconds, training_histories
+
+BEGIN = "<!-- results: written by the report page (notebooks/07_report.ipynb) from the run's metrics; do not edit -->"
+END = "<!-- end of results -->"
+
+
+def readme_block(params: Params) -> str:
+    """The README's results: per evaluation set the table with intervals, then the conclusions."""
+    parts = []
+    for split, (scores, hits) in annotated_sets(params).items():
+        parts.append(f"**Zero-shot top-1 on the `{split}` set** ({len(hits):,} images; 95 % Wilson intervals):\n")
+        parts.append(comparisons.results_markdown(comparisons.results_frame(split, scores)))
+        parts.append("\n".join(f"- {line}" for line in comparisons.conclusions(split, scores, hits)) + "\n")
+    return "\n".join(parts)
+
+
+def replace_block(text: str, block: str) -> str:
+    """``text`` with what lies between :data:`BEGIN` and :data:`END` replaced by ``block``."""
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        raise InputError(f"the README has no results markers ({BEGIN!r} ... {END!r})")
+    return text[: start + len(BEGIN)] + "\n" + block.rstrip("\n") + "\n" + text[end:]
+
+
+def committed_block(readme: Path) -> str:
+    """What the README holds between the markers now."""
+    text = readme.read_text(encoding="utf-8")
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        raise InputError(f"{readme} has no results markers")
+    return text[start + len(BEGIN): end].strip("\n") + "\n"
+
+
+def write_results(params: Params, readme: Path = Path("README.md")) -> str:
+    """Write the block to ``reports/report/results.md`` and into ``readme``; return it."""
+    block = readme_block(params)
+    write_text(params.stage_dir("report") / "results.md", block)
+    if readme.is_file():
+        write_text(readme, replace_block(readme.read_text(encoding="utf-8"), block))
+    return block
+
+
+def relative_figure(params: Params):
+    """The paper's main result, redrawn: relative top-1 against compression, ours beside the paper's."""
+    rows = [row for split, (scores, _) in annotated_sets(params).items()
+            for row in comparisons.relative_rows(split, scores)]
+    return figures.plot_relative_against_paper(
+        rows, title="Top-1 relative to RGB pixels against compression: ours (95 % intervals) and the paper's")
+
+
+def build(params: Params) -> PageContent:
+    """The page's figures and conclusions (the tables are the README block)."""
+    collected = collect_reports(params)
+    content = PageContent()
+    content.figures["relative_vs_paper"] = relative_figure(params)
+    for split, (scores, _) in annotated_sets(params).items():
+        content.figures[f"zero_shot_vs_ratio_{split}"] = figures.plot_zero_shot_against_ratio(
+            scores, title=f"Zero-shot top-1 against compression ({split}, 95 % intervals)")
+    photos = read_csv(params.stage_dir("fit_photos") / "table.csv")
+    content.figures["psnr_vs_size"] = figures.plot_psnr_against_size(photos)
+    content.figures["training_curves"] = figures.plot_training_curves(training_histories(collected))
+    content.figures["stage_times"] = figures.plot_stage_times(stage_seconds(collected), fitting_throughput(collected))
+    for split, (scores, hits) in annotated_sets(params).items():
+        content.tables[f"results_{split}"] = comparisons.results_markdown(comparisons.results_frame(split, scores))
+        content.findings += comparisons.conclusions(split, scores, hits)
+    content.findings += fitting_conclusions(params)
+    return content
+
+
+def fitting_conclusions(params: Params) -> list[str]:
+    """The fitting findings beside the zero-shot ones: (b) on the evaluation images, with its test."""
+    from gsclip_lib.pages.prune import pruning_findings
+
+    if not params.prune.compare_fit_small:
+        return []
+    return ["Finding (b), on the evaluation images: " + line[0].lower() + line[1:]
+            for line in pruning_findings(read_csv(params.stage_dir("prune") / "fit_small.csv"))]
