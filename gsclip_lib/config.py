@@ -160,3 +160,18 @@ def _describe(problem: dict[str, Any]) -> str:
     if isinstance(value, (dict, list)) or value is None:
         return f"{key}: {message}"
     return f"{key}: {message} (got {value!r})"
+
+
+PROJECT_MARKERS = ("dvc.yaml", "params.yaml")
+
+
+def find_project_root(start: str | Path | None = None) -> Path:
+    """The nearest folder at or above ``start`` (default: the working directory) that holds
+    ``dvc.yaml`` and ``params.yaml``: where ``params.yaml``'s relative paths are read from."""
+    import os
+
+    here = Path(start or os.getcwd()).resolve()
+    for folder in (here, *here.parents):
+        if all((folder / marker).is_file() for marker in PROJECT_MARKERS):
+            return folder
+    raise ConfigError(f"no gsclip project (a folder with {' and '.join(PROJECT_MARKERS)}) at or above {here}")

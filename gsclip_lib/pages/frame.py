@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from gsclip_lib.atomic_files import save_figure
+from gsclip_lib.config import find_project_root
 from gsclip_lib.errors import InputError
 from gsclip_lib.params import Params, load_params
-from gsclip_lib.stages.runner import find_project_root
 
 
 @dataclass

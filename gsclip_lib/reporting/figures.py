@@ -20,7 +20,7 @@ import math
 import re
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -29,9 +29,11 @@ from matplotlib.axes import Axes
 from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from torch import Tensor
 
 from gsclip_lib.reporting import paper
+
+if TYPE_CHECKING:  # the plain plots run without torch (pages that draw no splat start faster)
+    from torch import Tensor
 
 Z95 = 1.96  # two-sided 95 % normal quantile
 LEGEND_FONT = 8

@@ -23,10 +23,10 @@ from typing import Any
 
 from gsclip_lib import distributed
 from gsclip_lib.atomic_files import write_csv, write_json, write_text
-from gsclip_lib.errors import ConfigError
+from gsclip_lib.config import find_project_root
 from gsclip_lib.params import Params, load_params
 
-PROJECT_MARKERS = ("dvc.yaml", "params.yaml")
+__all__ = ["StageResult", "StageRun", "find_project_root"]
 
 
 @dataclass
@@ -37,16 +37,6 @@ class StageResult:
     tables: dict[str, Any] = field(default_factory=dict)  # file stem -> pandas DataFrame (saved as CSV)
     texts: dict[str, str] = field(default_factory=dict)  # file name -> text
     extra_json: dict[str, Any] = field(default_factory=dict)  # file name -> JSON-able data
-
-
-def find_project_root(start: str | Path | None = None) -> Path:
-    """The nearest folder at or above ``start`` (default: the working directory) that holds
-    ``dvc.yaml`` and ``params.yaml``."""
-    here = Path(start or os.getcwd()).resolve()
-    for folder in (here, *here.parents):
-        if all((folder / marker).is_file() for marker in PROJECT_MARKERS):
-            return folder
-    raise ConfigError(f"no gsclip project (a folder with {' and '.join(PROJECT_MARKERS)}) at or above {here}")
 
 
 class StageRun:
