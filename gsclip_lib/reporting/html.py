@@ -39,21 +39,18 @@ def notebook_pages(notebooks: Path, out_dir: Path) -> list[tuple[str, Path]]:
 
 
 def index_page(pages: list[tuple[str, Path]], results_md: Path | None) -> str:
-    """The index: a link per page, then the results table (Markdown rendered as a plain table)."""
+    """The index: a link per page, then the results block the report page wrote (its Markdown tables
+    and conclusions rendered by mistune, the Markdown renderer nbconvert itself uses)."""
+    import mistune
+
     items = "\n".join(f'<li><a href="{page.name}">{html.escape(title)}</a></li>' for title, page in pages)
-    table = ""
+    results = ""
     if results_md is not None and results_md.is_file():
-        rows = [line.strip().strip("|").split("|") for line in results_md.read_text().splitlines() if line.strip()]
-        header, body = rows[0], [row for row in rows[2:]]
-        cells = lambda row, tag: "".join(f"<{tag}>{html.escape(c.strip())}</{tag}>" for c in row)  # noqa: E731
-        table = (
-            "<h2>Results</h2><table><thead><tr>" + cells(header, "th") + "</tr></thead><tbody>"
-            + "".join("<tr>" + cells(row, "td") + "</tr>" for row in body) + "</tbody></table>"
-        )
+        results = "<h2>Results</h2>" + mistune.html(results_md.read_text(encoding="utf-8"))
     style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}")
+             "td,th{border:1px solid #ccc;padding:2px 8px}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>gsclip report</title><style>{style}</style>"
-            f"</head><body><h1>gsclip: the executed pipeline</h1><ol>{items}</ol>{table}</body></html>\n")
+            f"</head><body><h1>gsclip: the executed pipeline</h1><ol>{items}</ol>{results}</body></html>\n")
 
 
 def write_report(params_path: str | Path = "params.yaml") -> Path:

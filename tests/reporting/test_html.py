@@ -32,9 +32,10 @@ def test_pages_embed_the_figures_and_the_index_links_them(tmp_path):
     assert [title for title, _ in pages] == ["00_fit_photos: Fitting photographs"]
     assert "data:image/png;base64," in pages[0][1].read_text()
     results = tmp_path / "results.md"
-    results.write_text("| set | top1 |\n| --- | --- |\n| eval | 83.3 |\n")
+    results.write_text("**On the eval set:**\n\n| set | top1 |\n| --- | ---: |\n| eval | 83.3 |\n\n- a conclusion\n")
     index = index_page(pages, results)
-    assert '<a href="00_fit_photos.html">' in index and "<td>83.3</td>" in index
+    assert '<a href="00_fit_photos.html">' in index and "<strong>On the eval set:</strong>" in index
+    assert ">83.3</td>" in index and "<li>a conclusion</li>" in index
 
 
 def test_a_report_before_any_run_says_what_to_do(tmp_path, monkeypatch):
