@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
 from gsclip_lib.atomic_files import write_text
 from gsclip_lib.errors import InputError
 from gsclip_lib.pages.evaluate import annotated_sets
@@ -22,10 +24,11 @@ BEGIN = "<!-- results: written by the report page (notebooks/07_report.ipynb) fr
 END = "<!-- end of results -->"
 
 
-def readme_block(params: Params) -> str:
-    """The README's results: per evaluation set the table with intervals, then the conclusions."""
+def readme_block(sets: dict[str, tuple[dict, pd.DataFrame]]) -> str:
+    """The README's results: per evaluation set (from :func:`annotated_sets`) the table with intervals,
+    then the conclusions."""
     parts = []
-    for split, (scores, hits) in annotated_sets(params).items():
+    for split, (scores, hits) in sets.items():
         parts.append(f"**Zero-shot top-1 on the `{split}` set** ({len(hits):,} images; 95 % Wilson intervals):\n")
         parts.append(comparisons.results_markdown(comparisons.results_frame(split, scores)))
         parts.append("\n".join(f"- {line}" for line in comparisons.conclusions(split, scores, hits)) + "\n")
@@ -49,38 +52,36 @@ def committed_block(readme: Path) -> str:
     return text[start + len(BEGIN): end].strip("\n") + "\n"
 
 
-def write_results(params: Params, readme: Path = Path("README.md")) -> str:
-    """Write the block to ``reports/report/results.md`` and into ``readme``; return it."""
-    block = readme_block(params)
+def write_results(params: Params, block: str, readme: Path = Path("README.md")) -> None:
+    """Write ``block`` to ``reports/report/results.md`` and between the markers of ``readme``."""
     write_text(params.stage_dir("report") / "results.md", block)
     if readme.is_file():
         write_text(readme, replace_block(readme.read_text(encoding="utf-8"), block))
-    return block
 
 
-def relative_figure(params: Params):
+def relative_figure(sets: dict[str, tuple[dict, pd.DataFrame]]):
     """The paper's main result, redrawn: relative top-1 against compression, ours beside the paper's."""
-    rows = [row for split, (scores, _) in annotated_sets(params).items()
-            for row in comparisons.relative_rows(split, scores)]
+    rows = [row for split, (scores, _) in sets.items() for row in comparisons.relative_rows(split, scores)]
     return figures.plot_relative_against_paper(
         rows, title="Top-1 relative to RGB pixels against compression: ours (95 % intervals) and the paper's")
 
 
 def build(params: Params) -> PageContent:
-    """The page's figures and conclusions (the tables are the README block)."""
+    """The page's figures, tables and conclusions, and the README block (``texts["readme_block"]``)."""
     collected = collect_reports(params)
+    sets = annotated_sets(params)
     content = PageContent()
-    content.figures["relative_vs_paper"] = relative_figure(params)
-    for split, (scores, _) in annotated_sets(params).items():
+    content.texts["readme_block"] = readme_block(sets)
+    content.figures["relative_vs_paper"] = relative_figure(sets)
+    for split, (scores, hits) in sets.items():
+        content.tables[f"results_{split}"] = comparisons.results_markdown(comparisons.results_frame(split, scores))
         content.figures[f"zero_shot_vs_ratio_{split}"] = figures.plot_zero_shot_against_ratio(
             scores, title=f"Zero-shot top-1 against compression ({split}, 95 % intervals)")
+        content.findings += comparisons.conclusions(split, scores, hits)
     photos = read_csv(params.stage_dir("fit_photos") / "table.csv")
     content.figures["psnr_vs_size"] = figures.plot_psnr_against_size(photos)
     content.figures["training_curves"] = figures.plot_training_curves(training_histories(collected))
     content.figures["stage_times"] = figures.plot_stage_times(stage_seconds(collected), fitting_throughput(collected))
-    for split, (scores, hits) in annotated_sets(params).items():
-        content.tables[f"results_{split}"] = comparisons.results_markdown(comparisons.results_frame(split, scores))
-        content.findings += comparisons.conclusions(split, scores, hits)
     content.findings += fitting_conclusions(params)
     return content
 

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_readme_results_block_equals_what_the_committed_metrics_give(monkeypatch):
     monkeypatch.chdir(ROOT)  # params.yaml's paths are the project root's
-    generated = report.readme_block(load_params("params.yaml"))
+    generated = report.readme_block(report.annotated_sets(load_params("params.yaml")))
     assert report.committed_block(ROOT / "README.md") == generated, (
         "README.md's results block differs from the committed metrics: run `dvc repro` (the report page "
         "rewrites it) and commit README.md with the metrics"
