@@ -4,8 +4,8 @@
 
 The parameters (``params.yaml``, the profile, the overrides) are resolved once and written to
 ``paths.reports/params.resolved.yaml``; each notebook of ``notebooks/`` is executed by papermill with
-that file into ``paths.reports/notebooks/``, as ``dvc repro`` would. A mistake of the user's is one
-line and exit status 2.
+that file into ``paths.reports/notebooks/``, as ``dvc repro`` would, except that the README's results
+block (the default run's) is left alone. A mistake of the user's is one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -29,8 +29,11 @@ def execute_pages(params_file: Path, reports: Path) -> list[Path]:
     for notebook in sorted(NOTEBOOKS.glob("*.ipynb")):
         output = reports / "notebooks" / notebook.name
         output.parent.mkdir(parents=True, exist_ok=True)
-        papermill.execute_notebook(str(notebook), str(output), parameters={"params_path": str(params_file)},
-                                   progress_bar=False, log_output=False)
+        parameters = {"params_path": str(params_file)}
+        if "readme" in papermill.inspect_notebook(str(notebook)):
+            parameters["readme"] = ""  # the README's block holds the default run's results, not these
+        papermill.execute_notebook(str(notebook), str(output), parameters=parameters, progress_bar=False,
+                                   log_output=False)
         executed.append(output)
     return executed
 

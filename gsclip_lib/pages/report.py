@@ -52,11 +52,16 @@ def committed_block(readme: Path) -> str:
     return text[start + len(BEGIN): end].strip("\n") + "\n"
 
 
-def write_results(params: Params, block: str, readme: Path = Path("README.md")) -> None:
-    """Write ``block`` to ``reports/report/results.md`` and between the markers of ``readme``."""
+def write_results(params: Params, block: str, readme: str | Path = "README.md") -> None:
+    """Write ``block`` to ``reports/report/results.md`` and between the markers of ``readme`` (the
+    project's README when the pipeline runs; ``""`` leaves every README alone, as the paper-scale
+    ``python -m gsclip_lib.pages.cli`` does)."""
     write_text(params.stage_dir("report") / "results.md", block)
-    if readme.is_file():
-        write_text(readme, replace_block(readme.read_text(encoding="utf-8"), block))
+    if readme:
+        path = Path(readme)
+        if not path.is_file():
+            raise InputError(f"{path} is missing: the report page writes the results block into it (readme=\"\" skips it)")
+        write_text(path, replace_block(path.read_text(encoding="utf-8"), block))
 
 
 def relative_figure(sets: dict[str, tuple[dict, pd.DataFrame]]):

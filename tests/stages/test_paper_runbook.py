@@ -136,6 +136,7 @@ def test_readme_runbook_runs_end_to_end_with_two_ranks(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in distributed.TORCHRUN_VARIABLES}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     ran = []
+    readme = (REPO / "README.md").read_text()
     for line in runbook_lines():
         words = command(line, extra)
         if words is None:
@@ -144,6 +145,7 @@ def test_readme_runbook_runs_end_to_end_with_two_ranks(tmp_path):
         assert done.returncode == 0, f"{line}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
         ran.append(words[words.index("gsclip_lib.stages.cli") + 1] if "gsclip_lib.stages.cli" in words else "pages")
     assert ran == ["fit_photos", "prepare", "fit", "prune", "pretrain", "align", "align", "align", "align", "evaluate", "pages"]
+    assert (REPO / "README.md").read_text() == readme, "the runbook's pages must leave the README's results alone"
 
     reports = tmp_path / "reports"
     pretrain = json.loads((reports / "pretrain" / "metrics.json").read_text())
