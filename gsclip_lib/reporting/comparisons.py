@@ -23,6 +23,7 @@ import pandas as pd
 
 from gsclip_lib.evaluation.statistics import (
     PairedComparison,
+    RatioEstimate,
     accuracy_interval,
     compare_paired,
     compare_to_reference,
@@ -114,9 +115,7 @@ def relative_rows(split: str, scores: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name, level in sorted(scores["levels"].items(), key=lambda item: item[1]["ratio_payload"]):
         reference = paper.paper_relative_accuracy(level["ratio_payload"])
-        verdict = None
-        if reference is not None:
-            verdict = _reference_verdict(level, reference)
+        verdict = _reference_verdict(level, reference) if reference is not None else None
         rows.append({"set": split, "level": name, "ratio": level["ratio_payload"], "relative": level["relative"],
                      "low": level["relative_low"], "high": level["relative_high"], "paper": reference,
                      "verdict": verdict})
@@ -124,8 +123,6 @@ def relative_rows(split: str, scores: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _reference_verdict(level: dict[str, Any], reference: float) -> str:
-    from gsclip_lib.evaluation.statistics import RatioEstimate
-
     estimate = RatioEstimate(level["relative"], level["relative_low"], level["relative_high"],
                              BOOTSTRAP_RESAMPLES, 0)
     return compare_to_reference(estimate, reference)
