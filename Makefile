@@ -58,16 +58,15 @@ report: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check --select F,E9 gsclip_lib kernels benchmarks tests
 
-# The new fitter against the old one (benchmarks/fitting.json), the windowed fast path against its
-# dense twin (windowed_vs_dense.json), peak memory of the streaming training stages at 10,000 and
-# 100,000 samples (memory.json), teacher targets per batch against stored ones (teacher_targets.json),
-# and the projection of the paper-scale run (projection.json, from fitting.json and gpu_check.json).
-# About 80 minutes on 2 cores.
+# The fitter's PSNR against steps and time, pruning and the CPU rasterizer (benchmarks/fitting.json,
+# about 8 min), peak memory of the streaming training stages at 10,000 and 100,000 samples
+# (memory.json, about 12 min) and the projection of the paper-scale run (projection.json, about
+# 1.5 min, from fitting.json and gpu_check.json): about 22 minutes on 2 cores. The splat tower
+# ablation (python -m benchmarks.tower_ablation, tower_ablation.json) needs a finished `make repro`
+# and about 40 minutes, so it runs on its own.
 bench: $(STAMP)
 	. $(BIN)/activate && python -m benchmarks.fitting --out benchmarks/fitting.json
-	. $(BIN)/activate && python -m benchmarks.windowed_vs_dense --out benchmarks/windowed_vs_dense.json
 	. $(BIN)/activate && python -m benchmarks.memory --out benchmarks/memory.json
-	. $(BIN)/activate && python -m benchmarks.teacher_targets --out benchmarks/teacher_targets.json
 	. $(BIN)/activate && python -m benchmarks.projection --out benchmarks/projection.json
 
 # The Triton rasterizers (dense and tile-culled) against the PyTorch twin at the paper's shapes, and

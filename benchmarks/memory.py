@@ -1,47 +1,35 @@
-"""Bounded memory of the streaming training stages, shown (issue 13).
+"""Peak memory of the streaming training stages at two data set sizes: it should not grow with the data.
 
 ``python -m benchmarks.memory --out benchmarks/memory.json [--sizes 10000,100000] [--work DIR]``
 
-The training stages stream their data (:mod:`gsclip_lib.data.streaming`): their memory should not grow
-with the data set. This benchmark writes synthetic DataComp-style data once (``--work``, reused when it
-is already there): tiny RGB JPEGs (8x8 by default), captions drawn from a word list (almost every one
-distinct, as web captions are), a ``.json`` with a ``uid``, 1,000 samples per shard; as image-text
-shards for ``pretrain`` and as splat shards for ``align`` (grid-initialized splats of a small N, the
-image's bytes and the caption carried in each sample as the fit stage writes them). A data set of
-``n`` samples is the first ``n / per_shard`` shards.
+The training stages stream their data (:mod:`gsclip_lib.data.streaming`). This benchmark writes
+synthetic DataComp-style data once (``--work``, reused when there): tiny RGB JPEGs (8x8), captions
+drawn from a word list (almost every one distinct, as web captions are), a ``.json`` with a ``uid``,
+1,000 samples per shard; as image-text shards for ``pretrain`` and as splat shards for ``align``
+(grid-initialized splats, the image's bytes and the caption carried as the fit stage writes them).
+A data set of ``n`` samples is the first ``n / per_shard`` shards.
 
-For each stage and size it runs the real stage function in a fresh child process
-(``python -m benchmarks.memory --child ...``), one thread, for ONE full epoch over the data:
-:func:`gsclip_lib.stages.pretrain.pretrain_rgb`, and :func:`gsclip_lib.stages.align.align_level`
-(distillation, then contrastive alignment, each one epoch; its teacher is the same tiny CLIP,
-untrained). Everything else is ``params.yaml`` as it stands (loader, shuffle buffer, text cache,
-optimizer settings), with the tiny model (:data:`TINY_CLIP`, registered from JSON as the tests do),
-``--batch-size`` (250: both default sizes are whole batches, so an epoch reads every sample) and
-``--set`` overrides on top. The child records its resident set size right after its imports (the
-baseline), its peak (``getrusage(RUSAGE_SELF).ru_maxrss``, KiB on Linux) at the end of each
-training stage and at the end, a trace of its current RSS (``VmRSS``) against the samples read, the
-samples read (counted on the batches the training loop consumed, and the stage's own count of good
-samples), the steps and the seconds.
+Each stage and size runs the real stage function for ONE full epoch in a fresh child process
+(:func:`benchmarks.harness.run_in_child`, one thread): :func:`gsclip_lib.stages.pretrain.pretrain_rgb`
+and :func:`gsclip_lib.stages.align.align_level` (one epoch of distillation, one of contrastive
+alignment; its teacher the same tiny CLIP, untrained), with ``params.yaml``'s loader, shuffle buffer,
+text cache and optimizer, the tiny model :data:`TINY_CLIP`, ``--batch-size`` and ``--set`` overrides.
+The child records its RSS right after its imports (the baseline), its peak (the harness's method:
+the child's ``ru_maxrss``) at the end of each training stage and at the end, a ``VmRSS`` trace
+against the samples read, the samples read (and the stage's own count), the steps and the seconds.
+``--variant STAGE:GROUP.KEY=VALUE`` runs a stage again with one more override (default: ``align``
+without the caption embedding cache, :data:`DEFAULT_VARIANTS`; ``--no-variants`` skips it).
 
-Beside the plain runs, ``--variant STAGE:GROUP.KEY=VALUE`` runs a stage again with one more override
-(default: ``align`` without the caption embedding cache, :data:`DEFAULT_VARIANTS`, to tell the cache's
-share of the contrastive stage's memory; ``--no-variants`` skips it).
-
-The JSON holds, per stage (and variant) and size, those records; per stage the ratio of the peaks between the
-largest and the smallest size (the issue's bound: at most 1.2) and the ratio of the growth above
-the import baseline; the command and the machine.
+The JSON holds those records per stage (and variant) and size; per stage the ratio of the peaks of
+the largest and the smallest size (bound: at most 1.2) and of the growth above the import baseline.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import resource
 import shutil
-import subprocess
-import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -50,19 +38,21 @@ import numpy as np
 import open_clip
 import torch
 
-from benchmarks.machine import machine_info
+from benchmarks.harness import (
+    command_line, current_rss_kib, format_table, machine_info, peak_rss_kib, ratio, run_in_child, timed_section,
+)
 from gsclip_lib.atomic_files import write_json
 from gsclip_lib.data.image_text_shards import EncodedImage, decode_image, encode_image, write_image_text_shards
 from gsclip_lib.data.splat_shards import open_splat_shard
 from gsclip_lib.models.rgb_clip import create_rgb_clip
-from gsclip_lib.params import Params, load_params
+from gsclip_lib.params import load_params
 from gsclip_lib.splats.codec import encode_splats, payload_bytes
 from gsclip_lib.splats.initialization import init_grid
 from gsclip_lib.stages import align as align_stage
 from gsclip_lib.stages import pretrain as pretrain_stage
 
 ROOT = Path(__file__).resolve().parents[1]
-BOUND = 1.2  # the issue's bound on peak(largest) / peak(smallest)
+BOUND = 1.2  # the bound on peak(largest) / peak(smallest)
 STAGES = ("pretrain", "align")
 # Runs beside the plain ones, ``stage:group.key=value``: the contrastive stage without its caption
 # embedding cache (``align.text_cache_size`` entries at most), which holds one entry per distinct caption:
@@ -89,24 +79,6 @@ WORDS = (
 ).split()
 
 
-# ----------------------------------------------------------------------------------------------
-# Measuring a process
-
-
-def current_rss_kib() -> int:
-    """This process's resident set size now (``VmRSS``), KiB."""
-    with open("/proc/self/status") as stream:
-        for line in stream:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise OSError("no VmRSS in /proc/self/status")
-
-
-def peak_rss_kib() -> int:
-    """This process's peak resident set size so far (``ru_maxrss``; KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 def thin(trace: list[list[int]], points: int = 24) -> list[list[int]]:
     """At most ``points`` rows of ``trace``, evenly spaced, the first and the last kept."""
     if len(trace) <= points:
@@ -115,8 +87,7 @@ def thin(trace: list[list[int]], points: int = 24) -> list[list[int]]:
     return [trace[i] for i in picks]
 
 
-# ----------------------------------------------------------------------------------------------
-# Synthetic DataComp-style data
+# --- Synthetic DataComp-style data ----------------------------------------------------------------
 
 
 def caption(rng: np.random.Generator) -> str:
@@ -133,11 +104,6 @@ def synthetic_image(rng: np.random.Generator, size: int) -> np.ndarray:  # [size
     start, end = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
     image = start + ramp[..., None] * (end - start) + rng.normal(0, 12, (size, size, 3))
     return np.clip(image, 0, 255).astype(np.uint8)
-
-
-def data_settings(args: argparse.Namespace, samples: int) -> dict[str, Any]:
-    return {"version": DATA_VERSION, "samples": samples, "per_shard": args.per_shard, "image_size": args.image_size,
-            "splats": args.splats, "seed": args.seed}
 
 
 def write_data(work: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -214,8 +180,7 @@ def shard_spec(work: Path, kind: str, samples: int, per_shard: int) -> str:
     return str(work / "data" / kind / f"train-{{000000..{last:06d}}}.tar")
 
 
-# ----------------------------------------------------------------------------------------------
-# The child: one stage, one size, one process
+# --- The child: one stage, one size, one process --------------------------------------------------
 
 
 def register_tiny_clip(work: Path) -> str:
@@ -224,10 +189,6 @@ def register_tiny_clip(work: Path) -> str:
         path.write_text(json.dumps(TINY_CLIP))
     open_clip.add_model_config(path)
     return TINY_NAME
-
-
-def bench_params(args: argparse.Namespace) -> Params:
-    return load_params(ROOT / "params.yaml", overrides=list(args.set or []))
 
 
 class StageProbe:
@@ -257,11 +218,8 @@ class StageProbe:
             started = time.perf_counter()
             result = real(model, loss_fn, counted, steps_per_epoch, config, checkpoint_dir, **kwargs)
             record.update({
-                "seconds": round(time.perf_counter() - started, 2),
-                "steps_per_epoch": steps_per_epoch,
-                "steps": result.steps,
-                "batches_read": seen["batches"],
-                "samples_read": seen["samples"],
+                "seconds": round(time.perf_counter() - started, 2), "steps_per_epoch": steps_per_epoch,
+                "steps": result.steps, "batches_read": seen["batches"], "samples_read": seen["samples"],
                 "peak_rss_kib": peak_rss_kib(),  # the process's peak so far: through the end of this stage
                 "max_sampled_rss_kib": max((rss for _, rss in trace), default=record["rss_at_start_kib"]),
                 "rss_at_end_kib": current_rss_kib(),
@@ -272,90 +230,67 @@ class StageProbe:
         return train
 
 
-def run_child(args: argparse.Namespace) -> dict[str, Any]:
-    """Run ``args.child`` on ``args.size`` samples in this process; the record of the run."""
-    torch.set_num_threads(1)
+def run_child(stage: str, size: int, work: str, per_shard: int, image_size: int, splats: int, batch_size: int,
+              overrides: list[str]) -> dict[str, Any]:
+    """Run ``stage`` on ``size`` samples in this (child) process; the record of the run."""
     baseline = {"baseline_rss_kib": current_rss_kib(), "baseline_peak_rss_kib": peak_rss_kib()}
     started = time.perf_counter()
-    work = Path(args.work)
-    params = bench_params(args)
-    name = register_tiny_clip(work)
-    model = params.model.replace(name=name, pretrained="", checkpoint="")
-    data = params.data.replace(train_shards=shard_spec(work, "images", args.size, args.per_shard),
-                               image_size=args.image_size, channels=3, resize_mode="center_crop")
-    runs = work / "runs" / f"{args.child}-{args.size}"
+    folder = Path(work)
+    params = load_params(ROOT / "params.yaml", overrides=overrides)
+    model = params.model.replace(name=register_tiny_clip(folder), pretrained="", checkpoint="")
+    data = params.data.replace(train_shards=shard_spec(folder, "images", size, per_shard), image_size=image_size,
+                               channels=3, resize_mode="center_crop")
+    runs = folder / "runs" / f"{stage}-{size}"
     shutil.rmtree(runs, ignore_errors=True)  # never resume an earlier run's checkpoint
 
     def one_epoch(optim):
-        return optim.replace(epochs=1, batch_size=args.batch_size, log_every=max(1, args.size // args.batch_size // 10),
-                             warmup_steps=min(optim.warmup_steps, max(0, args.size // args.batch_size - 1)))
+        return optim.replace(epochs=1, batch_size=batch_size, log_every=max(1, size // batch_size // 10),
+                             warmup_steps=min(optim.warmup_steps, max(0, size // batch_size - 1)))
 
-    if args.child == "pretrain":
+    if stage == "pretrain":
         probe = StageProbe(("pretrain",))
         pretrain_stage.train = probe.wrap(pretrain_stage.train)
         config = params.pretrain.replace(optim=one_epoch(params.pretrain.optim), checkpoint_dir=str(runs / "rgb"))
         metrics = pretrain_stage.pretrain_rgb(model, config, data, progress=False)
         good = {"pretrain": metrics["skipped"]["good"]}
         extra = {"train_images": metrics["train_images"], "final_loss": metrics["final_loss"]}
-    elif args.child == "align":
+    elif stage == "align":
         probe = StageProbe(("distill", "contrastive"))
         align_stage.train = probe.wrap(align_stage.train)
         torch.manual_seed(0)
         rgb = create_rgb_clip(model, device="cpu")
-        grid = (args.image_size // TINY_CLIP["vision_cfg"]["patch_size"]) ** 2
+        grid = (image_size // TINY_CLIP["vision_cfg"]["patch_size"]) ** 2
         encoder = params.align.encoder.replace(num_latents=grid, resampler_layers=1, resampler_heads=2,
                                                fourier_frequencies=4)
         config = params.align.replace(encoder=encoder, distill=one_epoch(params.align.distill),
                                       contrastive=one_epoch(params.align.contrastive), checkpoint_dir=str(runs / "align"))
-        result = align_stage.align_level(rgb, shard_spec(work, "splats", args.size, args.per_shard), config, data,
-                                         level=args.splats, device="cpu")
+        result = align_stage.align_level(rgb, shard_spec(folder, "splats", size, per_shard), config, data,
+                                         level=splats, device="cpu")
         metrics = result.metrics
-        good = {stage: metrics["skipped"][stage]["good"] for stage in ("distill", "contrastive")}
+        good = {name: metrics["skipped"][name]["good"] for name in ("distill", "contrastive")}
         extra = {"pairs": metrics["pairs"], "text_cache": metrics["text_cache"],
-                 "final_loss": {s: metrics[s]["final_loss"] for s in ("distill", "contrastive")}}
+                 "final_loss": {name: metrics[name]["final_loss"] for name in ("distill", "contrastive")}}
     else:
-        raise SystemExit(f"unknown stage {args.child!r}; one of {STAGES}")
+        raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
     for record in probe.records:
         record["good_samples_counted_by_stage"] = good.get(record["stage"])
     shutil.rmtree(runs, ignore_errors=True)
     return {
-        "stage": args.child,
-        "size": args.size,
-        **baseline,
-        "peak_rss_kib": peak_rss_kib(),
-        "rss_at_end_kib": current_rss_kib(),
-        "samples_read": sum(r["samples_read"] for r in probe.records),
-        "steps": sum(r["steps"] for r in probe.records),
-        "seconds": round(time.perf_counter() - started, 2),
-        "stages": probe.records,
-        "metrics": extra,
+        "stage": stage, "size": size, **baseline, "rss_at_end_kib": current_rss_kib(),
+        "samples_read": sum(r["samples_read"] for r in probe.records), "steps": sum(r["steps"] for r in probe.records),
+        "seconds": round(time.perf_counter() - started, 2), "stages": probe.records, "metrics": extra,
     }
 
 
-# ----------------------------------------------------------------------------------------------
-# The parent: data, children, summary
+# --- The parent: data, children, summary ----------------------------------------------------------
 
 
-def spawn_child(args: argparse.Namespace, stage: str, size: int, work: Path, overrides: list[str]) -> dict[str, Any]:
-    result_path = work / f"result-{stage}-{size}-{os.getpid()}.json"
-    result_path.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "benchmarks.memory", "--child", stage, "--size", str(size), "--work", str(work),
-               "--result", str(result_path), "--batch-size", str(args.batch_size), "--per-shard", str(args.per_shard),
-               "--image-size", str(args.image_size), "--splats", str(args.splats)]
-    for override in overrides:
-        command += ["--set", override]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    if done.returncode != 0 or not result_path.is_file():
-        raise RuntimeError(f"the {stage} child on {size} samples failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    result = json.loads(result_path.read_text())
-    result_path.unlink()
-    return result
-
-
-def ratio(numerator: float, denominator: float) -> float | None:
-    return round(numerator / denominator, 4) if denominator > 0 else None
+def measure(args: argparse.Namespace, stage: str, size: int, work: Path, overrides: list[str]) -> dict[str, Any]:
+    """One stage on one size in a fresh child process; its record, with the child's peak RSS."""
+    child = run_in_child("benchmarks.memory:run_child", kwargs={
+        "stage": stage, "size": size, "work": str(work), "per_shard": args.per_shard, "image_size": args.image_size,
+        "splats": args.splats, "batch_size": args.batch_size, "overrides": overrides})
+    return {**child.value, "peak_rss_kib": child.peak_rss_kib, "overrides": overrides}
 
 
 def summarize(runs: dict[str, dict[str, dict[str, Any]]], sizes: list[int]) -> dict[str, Any]:
@@ -376,27 +311,20 @@ def summarize(runs: dict[str, dict[str, dict[str, Any]]], sizes: list[int]) -> d
                                                                          run["baseline_rss_kib"])
         for name, view in views.items():
             (peak_s, base_s), (peak_l, base_l) = view(by_size[small]), view(by_size[large])
-            peaks = {size: view(run)[0] for size, run in by_size.items()}
-            peak_ratio = ratio(peak_l, peak_s)
+            peak_ratio, growth_ratio = ratio(peak_l, peak_s), ratio(peak_l - base_l, peak_s - base_s)
             out[name] = {
-                "peak_rss_kib": peaks,
+                "peak_rss_kib": {size: view(run)[0] for size, run in by_size.items()},
                 "baseline_rss_kib": {size: run["baseline_rss_kib"] for size, run in by_size.items()},
-                "peak_ratio": peak_ratio,
+                "peak_ratio": None if peak_ratio is None else round(peak_ratio, 4),
                 "growth_above_baseline_kib": {small: peak_s - base_s, large: peak_l - base_l},
-                "growth_ratio": ratio(peak_l - base_l, peak_s - base_s),
-                "within_bound": peak_ratio is not None and peak_ratio <= BOUND,
+                "growth_ratio": None if growth_ratio is None else round(growth_ratio, 4),
+                "within_bound": peak_ratio is not None and round(peak_ratio, 4) <= BOUND,
             }
     return out
 
 
-def parse_sizes(text: str) -> list[int]:
-    sizes = sorted({int(part) for part in text.split(",") if part.strip()})
-    if len(sizes) < 2 or sizes[0] < 1:
-        raise ValueError(f"--sizes needs at least two positive sizes, got {text!r}")
-    return sizes
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], list[tuple[str, str, list[str]]]]:
+    """The arguments, the sizes, and the plan: (name, stage, overrides) per run; errors exit 2."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/memory.json")
     parser.add_argument("--sizes", default="10000,100000", help="data set sizes, comma-separated (multiples of --per-shard)")
@@ -407,83 +335,66 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--image-size", type=int, default=8)
     parser.add_argument("--splats", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", metavar="GROUP.KEY=VALUE", help="params.yaml override for the stages")
+    parser.add_argument("--set", action="append", default=[], metavar="GROUP.KEY=VALUE", help="params.yaml override for the stages")
     parser.add_argument("--variant", action="append", metavar="STAGE:GROUP.KEY=VALUE",
                         help=f"also run STAGE with this override (default: {', '.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--no-variants", action="store_true", help="run no variant")
-    parser.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
-    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-
-    if args.child:
-        record = run_child(args)
-        Path(args.result).write_text(json.dumps(record, indent=2) + "\n")
-        return None
-
-    try:
-        sizes = parse_sizes(args.sizes)
-    except ValueError as error:
-        parser.error(str(error))
-    stages = [s for s in args.stages.split(",") if s]
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        parser.error(f"unknown stages {unknown}; known: {list(STAGES)}")
-    variants = [] if args.no_variants else list(args.variant or DEFAULT_VARIANTS)
-    plan: list[tuple[str, str, list[str]]] = [(stage, stage, list(args.set or [])) for stage in stages]
-    for variant in variants:
-        stage, _, override = variant.partition(":")
-        if stage not in STAGES or "=" not in override:
-            parser.error(f"a variant is STAGE:GROUP.KEY=VALUE with STAGE one of {list(STAGES)}, got {variant!r}")
-        plan.append((f"{stage} [{override}]", stage, [*(args.set or []), override]))
+    sizes = sorted({int(part) for part in args.sizes.split(",") if part.strip()})
+    if len(sizes) < 2 or sizes[0] < 1:
+        parser.error(f"--sizes needs at least two positive sizes, got {args.sizes!r}")
     if any(size % args.per_shard for size in sizes):
         parser.error(f"every size must be a multiple of --per-shard {args.per_shard}: {sizes}")
     if any(size < args.batch_size for size in sizes):
         parser.error(f"every size must hold at least one batch of {args.batch_size}: {sizes}")
-    temporary = not args.work
-    work = Path(args.work) if args.work else Path(__import__("tempfile").mkdtemp(prefix="gsclip-memory-"))
+    stages = [s for s in args.stages.split(",") if s]
+    if any(s not in STAGES for s in stages):
+        parser.error(f"unknown stages {[s for s in stages if s not in STAGES]}; known: {list(STAGES)}")
+    args.variants = [] if args.no_variants else list(args.variant or DEFAULT_VARIANTS)
+    plan = [(stage, stage, list(args.set)) for stage in stages]
+    for variant in args.variants:
+        stage, _, override = variant.partition(":")
+        if stage not in STAGES or "=" not in override:
+            parser.error(f"a variant is STAGE:GROUP.KEY=VALUE with STAGE one of {list(STAGES)}, got {variant!r}")
+        plan.append((f"{stage} [{override}]", stage, [*args.set, override]))
+    return args, sizes, plan
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args, sizes, plan = parse_arguments(argv)
+    work = Path(args.work or tempfile.mkdtemp(prefix="gsclip-memory-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    runs: dict[str, dict[str, dict[str, Any]]] = {}
     try:
-        manifest = write_data(work, data_settings(args, max(sizes)))
-        runs: dict[str, dict[str, dict[str, Any]]] = {}
+        manifest = write_data(work, {"version": DATA_VERSION, "samples": max(sizes), "per_shard": args.per_shard,
+                                     "image_size": args.image_size, "splats": args.splats, "seed": args.seed})
         for name, stage, overrides in plan:
             for size in sizes:
-                run = spawn_child(args, stage, size, work, overrides)
-                run["overrides"] = overrides
-                runs.setdefault(name, {})[str(size)] = run
+                run = runs.setdefault(name, {})[str(size)] = timed_section(measure, args, stage, size, work, overrides)
                 print(f"{name:9s} {size:>8d} samples: peak {run['peak_rss_kib'] / 1024:7.1f} MiB "
                       f"(baseline {run['baseline_rss_kib'] / 1024:6.1f} MiB), read {run['samples_read']}, "
                       f"{run['steps']} steps, {run['seconds']:.1f} s", flush=True)
     finally:
-        if temporary:
+        if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     report = {
         "benchmark": "memory",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "-m", "benchmarks.memory", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line("benchmarks.memory", argv),
         "method": (
-            "each stage and size in a fresh child process, one thread, one full epoch (align: one epoch of "
-            "distillation, one of contrastive alignment) of the real stage function on synthetic DataComp-style "
-            "shards; params.yaml's loader, shuffle buffer and text cache; a tiny open_clip model; peak = "
-            "getrusage(RUSAGE_SELF).ru_maxrss of the child (KiB), baseline = its VmRSS right after imports"
+            "each stage and size in a fresh child process (benchmarks.harness.run_in_child), one thread, one full "
+            "epoch (align: one epoch of distillation, one of contrastive alignment) of the real stage function on "
+            "synthetic DataComp-style shards; params.yaml's loader, shuffle buffer and text cache; a tiny open_clip "
+            "model; peak = getrusage(RUSAGE_SELF).ru_maxrss of the child (KiB), baseline = its VmRSS right after imports"
         ),
-        "bound": BOUND,
-        "sizes": sizes,
-        "batch_size": args.batch_size,
-        "overrides": list(args.set or []),
-        "variants": variants,
-        "model": {"name": TINY_NAME, **TINY_CLIP},
-        "data": manifest,
-        "summary": summarize(runs, sizes),
-        "runs": runs,
-        "seconds": round(time.perf_counter() - started, 1),
-        "machine": machine_info(),
+        "bound": BOUND, "sizes": sizes, "batch_size": args.batch_size, "overrides": args.set,
+        "variants": args.variants, "model": {"name": TINY_NAME, **TINY_CLIP}, "data": manifest,
+        "summary": summarize(runs, sizes), "runs": runs,
+        "seconds": round(time.perf_counter() - started, 1), "machine": machine_info(),
     }
     write_json(args.out, report)
-    for name, entry in report["summary"].items():
-        print(f"{name:55s} peak ratio {entry['peak_ratio']}, growth ratio {entry['growth_ratio']}, "
-              f"within {BOUND}: {entry['within_bound']}")
+    rows = [[name, e["peak_ratio"], e["growth_ratio"], e["within_bound"]] for name, e in report["summary"].items()]
+    print(format_table(["stage", "peak ratio", "growth ratio", f"within {BOUND}"], rows, ["", ".4f", ".4f", ""]))
     return report
 
 

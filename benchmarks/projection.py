@@ -1,15 +1,16 @@
-"""A projection, on paper, of the paper-scale run (issue #13 item 8).
+"""A projection, on paper, of the paper-scale run: time and GPU-hours from measured per-image costs.
 
 ``python -m benchmarks.projection --out benchmarks/projection.json`` turns measured per-image costs
 into the time and GPU-hours of the paper-scale run (``profiles/paper.yaml``: 12.8 M DataComp images,
-224x224 RGB, the levels 3136 / 1600 / 900 / 400, a ViT-B-16 teacher) on 8 GPUs:
+224x224 RGB, its four splat levels, a ViT-B-16 teacher) on 8 GPUs:
 
 - **Fitting.** The pipeline fits each image once at the top level (``fit.optimizer.iterations``
   steps) and reaches the lower levels by a prune cascade, ``prune.refit_iterations`` steps per level.
-  Per-step GPU cost comes from ``benchmarks/gpu_check.json``: its roofline time of one render pass
-  (forward, backward; dense and tile-culled Triton kernels) per image and splat count, or, when its
-  ``gpu`` section holds a real CUDA run, the measured kernel times (scaled to the other counts by
-  the roofline). A fitting step with ``colour_solve: every_step`` is more than one render: the
+  Per-step GPU cost: the roofline time of one render pass (forward, backward; dense and tile-culled
+  Triton kernels) per image and splat count, from the evaluation counts of ``benchmarks/gpu_check.json``
+  and the one FLOP and byte model, :mod:`benchmarks.cost_model`; or, when gpu_check.json's ``gpu``
+  section holds a real CUDA run, the measured kernel times (scaled to the other counts by the
+  roofline). A fitting step with ``colour_solve: every_step`` is more than one render: the
   matrix-free CG colour solve runs renders and adjoints too, counted by :func:`passes_per_step`.
   The CPU-only figure uses the measured CPU seconds per step of ``benchmarks/fitting.json``.
 - **Training.** FLOPs per sample counted on this CPU with ``torch.utils.flop_counter.FlopCounterMode``
@@ -28,11 +29,8 @@ into the JSON beside the numbers.
 from __future__ import annotations
 
 import argparse
-import datetime
-import hashlib
 import io
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,9 +38,10 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.machine import machine_info
+from benchmarks.cost_model import ROOFLINE_DEVICE, device_peaks, roofline
+from benchmarks.harness import command_line, file_provenance, format_table, machine_info
+from gsclip_lib.atomic_files import write_json
 
-ROOT = Path(__file__).resolve().parents[1]
 PAPER_IMAGES = 12_800_000  # DataComp's small pool as the paper uses it
 NUM_GPUS = 8
 PAPER_FIT_400_GPU_HOURS = 25.6  # the paper: the 400-splat setting, 12.8 M images (about 7 ms an image)
@@ -53,36 +52,7 @@ HEADLINE_MODEL = "no_cache_reuse"  # the roofline variant the headline figures u
 SECONDS_PER_HOUR = 3600.0
 
 
-# ----------------------------------------------------------------------------------------------
-# Inputs and their provenance
-
-
-def _git(*args: str) -> str:
-    try:
-        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return done.stdout.strip() if done.returncode == 0 else ""
-
-
-def provenance(path: Path) -> dict[str, Any]:
-    """Where an input came from: its path, the last commit that touched it, whether it differs from
-    that commit, and its SHA-256."""
-    relative = str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
-    return {
-        "path": relative,
-        "last_commit": _git("log", "-1", "--format=%H", "--", relative) or None,
-        "modified_since_commit": bool(_git("status", "--porcelain", "--", relative)),
-        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-    }
-
-
-def load_json(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
-
-
-# ----------------------------------------------------------------------------------------------
-# Fitting
+# --- Fitting --------------------------------------------------------------------------------------
 
 
 def fit_plan(params: Any) -> list[dict[str, int]]:
@@ -112,9 +82,12 @@ RENDER_ONLY = {"forward": 1, "backward": 1}
 
 
 def roofline_pass_seconds(gpu_check: dict[str, Any]) -> dict[int, dict[str, dict[str, dict[str, float]]]]:
-    """``{N: {kernel: {model: {forward, backward}}}}``: seconds of one render pass of one image."""
+    """``{N: {kernel: {model: {forward, backward}}}}``: seconds of one render pass of one image, the
+    cost model's roofline on gpu_check.json's evaluation counts."""
     table: dict[int, dict[str, dict[str, dict[str, float]]]] = {}
-    for entry in gpu_check["roofline_estimate"]["per_count"]:
+    peaks = device_peaks(ROOFLINE_DEVICE)
+    for counts in gpu_check["evaluation_counts"]:
+        entry = roofline(counts, peaks)
         per_pass = entry["per_image_pass"]
         table[int(entry["num_splats"])] = {
             kernel: {model: {direction: float(per_pass[f"{kernel}_{direction}"][model]["seconds"])
@@ -149,7 +122,7 @@ def gpu_pass_seconds(gpu_check: dict[str, Any]) -> tuple[dict, str]:
     table = roofline_pass_seconds(gpu_check)
     measured = measured_gpu(gpu_check)
     if measured is None or measured["num_splats"] not in table:
-        return table, "roofline (gpu_check.json roofline_estimate; no measured CUDA run recorded)"
+        return table, "roofline (benchmarks/cost_model.py on gpu_check.json evaluation_counts; no measured CUDA run recorded)"
     anchor = table[measured["num_splats"]]
     scaled: dict[int, dict[str, dict[str, dict[str, float]]]] = {}
     for count, kernels in table.items():
@@ -177,12 +150,13 @@ def fit_seconds_per_image(plan: list[dict[str, int]], pass_table: dict, kernel: 
 
 
 def cpu_seconds_per_step(fitting: dict[str, Any]) -> dict[int, dict[str, float]]:
-    """CPU core-seconds per step per image at each count, from fitting.json's photo fits (one thread)."""
+    """CPU core-seconds per step per image at each count, from fitting.json's photo fits (one thread;
+    the record is ``fit``, ``new`` in files written when the benchmark also ran the previous fitter)."""
     photos = fitting["photos"]
     images = len(photos["photos"])
     table = {}
     for entry in photos["counts"]:
-        new = entry["new"]
+        new = entry.get("fit") or entry["new"]
         table[int(entry["num_splats"])] = {
             "core_seconds_per_step": new["cpu_seconds"] / new["steps"] / images,
             "steps": new["steps"], "images": images, "psnr_db": new["psnr_db"],
@@ -238,7 +212,7 @@ def project_fitting(params: Any, fitting: dict[str, Any], gpu_check: dict[str, A
                           "ms_per_image": PAPER_FIT_400_GPU_HOURS * SECONDS_PER_HOUR / PAPER_IMAGES * 1e3,
                           "wall_hours_on_8": PAPER_FIT_400_GPU_HOURS / NUM_GPUS},
         "cpu_only": {
-            "source": "fitting.json photos.counts[*].new: cpu_seconds / steps / photos, one torch thread (C++ kernel)",
+            "source": "fitting.json photos.counts[*].fit (.new in older files): cpu_seconds / steps / photos, one thread",
             "per_step": {str(n): v for n, v in cpu.items()},
             "levels": cpu_levels,
             "core_seconds_per_image": cpu_per_image,
@@ -248,32 +222,23 @@ def project_fitting(params: Any, fitting: dict[str, Any], gpu_check: dict[str, A
     }
 
 
-# ----------------------------------------------------------------------------------------------
-# Training FLOPs
-
-
-def _sdpa_forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    return sdpa_flop_count(query, key, value)
-
-
-def _sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_backward_flop_count
-
-    return sdpa_backward_flop_count(grad_out, query, key, value)
+# --- Training FLOPs -------------------------------------------------------------------------------
 
 
 def _extra_flop_formulas() -> dict[Any, Callable]:
     """The CPU flash-attention kernels, which FlopCounterMode has no formula for (it knows the CUDA
     ones): without them the attention products of every block would go uncounted."""
-    ops = {}
-    for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", _sdpa_forward),
-                          ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_backward)):
-        packet = getattr(torch.ops.aten, name, None)
-        if packet is not None:
-            ops[packet] = formula
-    return ops
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    formulas = {
+        "_scaled_dot_product_flash_attention_for_cpu":
+            lambda query, key, value, *args, out_shape=None, **kwargs: sdpa_flop_count(query, key, value),
+        "_scaled_dot_product_flash_attention_for_cpu_backward":
+            lambda grad_out, query, key, value, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(
+                grad_out, query, key, value),
+    }
+    return {getattr(torch.ops.aten, name): formula for name, formula in formulas.items()
+            if getattr(torch.ops.aten, name, None) is not None}
 
 
 def count_flops(run: Callable[[], Any]) -> dict[str, Any]:
@@ -296,7 +261,8 @@ def training_flops(params: Any, levels: list[int], batch: int = 1, seed: int = 0
     """FLOPs per sample of the align stages' models, as ``params`` configures them (random weights)."""
     from gsclip_lib.models.rgb_clip import create_rgb_clip
     from gsclip_lib.models.splat_clip import TextTower
-    from gsclip_lib.models.splat_encoder import build_splat_encoder, fit_feature_statistics
+    from gsclip_lib.models.splat_encoder import build_splat_encoder
+    from gsclip_lib.models.splat_features import fit_feature_statistics
     from gsclip_lib.splats.initialization import init_grid
 
     started = time.perf_counter()
@@ -387,24 +353,7 @@ def _sum_totals(parts: list[dict[str, float]]) -> dict[str, float]:
     return {"gpu_hours": sum(p["gpu_hours"] for p in parts), "wall_hours": sum(p["wall_hours"] for p in parts)}
 
 
-# ----------------------------------------------------------------------------------------------
-# Data loading
-
-
-def photo_like_image(size: int):
-    """A 224x224 photograph: scikit-image's astronaut when installed, else a smooth random image."""
-    from PIL import Image
-
-    try:
-        from skimage import data
-
-        return Image.fromarray(data.astronaut()).resize((size, size), Image.Resampling.BICUBIC), "skimage astronaut"
-    except ImportError:
-        generator = torch.Generator().manual_seed(0)
-        coarse = torch.rand(1, 3, 8, 8, generator=generator)
-        smooth = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
-        array = (smooth.clamp(0, 1)[0].permute(1, 2, 0) * 255).byte().numpy()
-        return Image.fromarray(array), "smooth random image"
+# --- Data loading ---------------------------------------------------------------------------------
 
 
 def _cpu_time_per_call(run: Callable[[], Any], repeats: int) -> float:
@@ -421,11 +370,12 @@ def measure_decode(repeats: int = 200, size: int = 224, quality: int = 90) -> di
     from PIL import Image
 
     from gsclip_lib.data.image_text_shards import decode_image
+    from gsclip_lib.data.photos import load_photo
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        image, source = photo_like_image(size)
+        image, source = Image.fromarray(load_photo("astronaut", size)), "scikit-image astronaut"
         large = image.resize((512, 512), Image.Resampling.BICUBIC)
         encoded = {}
         for name, picture in (("224", image), ("512", large)):
@@ -471,57 +421,48 @@ def loader_cores(decode: dict[str, Any], fitting: dict[str, Any], training: dict
     }
 
 
-# ----------------------------------------------------------------------------------------------
-# Report
+# --- Report ---------------------------------------------------------------------------------------
 
 
 def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The table: one row per item, GPU-hours and wall hours on the 8 GPUs."""
     fitting, training = report["fitting"], report["training"]
-    rows = []
-    for key, label in ((fitting["headline"], "fit 3136 + cascade, tiled Triton, full step (roofline)"),
-                       (f"tiled/{HEADLINE_MODEL}/render_only", "fit 3136 + cascade, tiled Triton, render only (roofline)"),
-                       (f"dense/{HEADLINE_MODEL}/full_step", "fit 3136 + cascade, dense Triton, full step (roofline)")):
-        v = fitting["variants"][key]
-        rows.append({"item": label, "gpu_hours": v["gpu_hours"], "wall_hours_8_gpus": v["wall_hours"],
-                     "ms_per_image_per_gpu": v["seconds_per_sample"] * 1e3})
-    direct = fitting["direct_bottom_level"]["tiled"]
-    rows.append({"item": f"fit {direct['num_splats']} alone, {direct['steps']} steps, tiled, full step (roofline)",
-                 "gpu_hours": direct["gpu_hours"], "wall_hours_8_gpus": direct["wall_hours"],
-                 "ms_per_image_per_gpu": direct["seconds_per_sample"] * 1e3})
-    paper = fitting["paper_fit_400"]
-    rows.append({"item": "paper: fit 400 splats (reported)", "gpu_hours": paper["gpu_hours"],
-                 "wall_hours_8_gpus": paper["wall_hours_on_8"], "ms_per_image_per_gpu": paper["ms_per_image"]})
+
+    def row(item: str, gpu_hours: float, wall_hours: float, ms: float | None = None) -> dict[str, Any]:
+        return {"item": item, "gpu_hours": gpu_hours, "wall_hours_8_gpus": wall_hours, "ms_per_image_per_gpu": ms}
+
+    top = f"fit {fitting['plan'][0]['num_splats']} + cascade"
+    rows = [row(label, v["gpu_hours"], v["wall_hours"], v["seconds_per_sample"] * 1e3)
+            for key, label in ((fitting["headline"], f"{top}, tiled Triton, full step (roofline)"),
+                               (f"tiled/{HEADLINE_MODEL}/render_only", f"{top}, tiled Triton, render only (roofline)"),
+                               (f"dense/{HEADLINE_MODEL}/full_step", f"{top}, dense Triton, full step (roofline)"))
+            for v in [fitting["variants"][key]]]
+    direct, paper = fitting["direct_bottom_level"]["tiled"], fitting["paper_fit_400"]
+    rows.append(row(f"fit {direct['num_splats']} alone, {direct['steps']} steps, tiled, full step (roofline)",
+                    direct["gpu_hours"], direct["wall_hours"], direct["seconds_per_sample"] * 1e3))
+    rows.append(row("paper: fit 400 splats (reported)", paper["gpu_hours"], paper["wall_hours_on_8"],
+                    paper["ms_per_image"]))
     for stage in ("distill", "contrastive"):
-        epochs = training["epochs"][stage]
         per_level = [training["levels"][c][stage] for c in training["levels"]]
-        for case in MFU:
-            rows.append({"item": f"{stage} ({epochs} ep), all {len(per_level)} levels, MFU {MFU[case]:.0%}",
-                         "gpu_hours": sum(p[case]["gpu_hours"] for p in per_level),
-                         "wall_hours_8_gpus": sum(p[case]["wall_hours"] for p in per_level),
-                         "ms_per_image_per_gpu": None})
+        rows += [row(f"{stage} ({training['epochs'][stage]} ep), all {len(per_level)} levels, MFU {MFU[case]:.0%}",
+                     sum(p[case]["gpu_hours"] for p in per_level), sum(p[case]["wall_hours"] for p in per_level))
+                 for case in MFU]
     headline_fit = fitting["variants"][fitting["headline"]]
-    for case in MFU:
-        both = training["all_levels"][case]
-        rows.append({"item": f"total: fit (tiled, full step) + both stages at all levels, MFU {MFU[case]:.0%}",
-                     "gpu_hours": headline_fit["gpu_hours"] + both["gpu_hours"],
-                     "wall_hours_8_gpus": headline_fit["wall_hours"] + both["wall_hours"],
-                     "ms_per_image_per_gpu": None})
-    rows.append({"item": "CPU only: fit 3136 + cascade (core-hours, C++ kernel, this CPU)",
+    rows += [row(f"total: fit (tiled, full step) + both stages at all levels, MFU {MFU[case]:.0%}",
+                 headline_fit["gpu_hours"] + training["all_levels"][case]["gpu_hours"],
+                 headline_fit["wall_hours"] + training["all_levels"][case]["wall_hours"]) for case in MFU]
+    rows.append({"item": f"CPU only: {top} (core-hours, C++ kernel, this CPU)",
                  "core_hours": fitting["cpu_only"]["core_hours"],
                  "ms_per_image_per_core": fitting["cpu_only"]["core_seconds_per_image"] * 1e3})
     return rows
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'item':<82} {'GPU-h':>10} {'wall h on 8':>12} {'ms/image/GPU':>13}"]
-    for row in rows:
-        if "core_hours" in row:
-            lines.append(f"{row['item']:<82} {row['core_hours']:>10.3g} core-hours "
-                         f"({row['ms_per_image_per_core']:.0f} ms per image per core)")
-            continue
-        ms = "" if row["ms_per_image_per_gpu"] is None else f"{row['ms_per_image_per_gpu']:.3g}"
-        lines.append(f"{row['item']:<82} {row['gpu_hours']:>10.4g} {row['wall_hours_8_gpus']:>12.4g} {ms:>13}")
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    gpu = [[row["item"], row["gpu_hours"], row["wall_hours_8_gpus"], row["ms_per_image_per_gpu"]]
+           for row in rows if "gpu_hours" in row]
+    lines = [format_table(["item", "GPU-h", f"wall h on {NUM_GPUS}", "ms/image/GPU"], gpu, ["", ".4g", ".4g", ".3g"], 0)]
+    lines += [f"{row['item']}: {row['core_hours']:.3g} core-hours ({row['ms_per_image_per_core']:.0f} ms per image "
+              "per core)" for row in rows if "core_hours" in row]
     return "\n".join(lines)
 
 
@@ -532,8 +473,9 @@ def assumptions(params: Any) -> dict[str, str]:
         "training_peak": PEAK_NAME,
         "training_mfu": f"model FLOP utilization {MFU['expected']:.0%} expected, {MFU['pessimistic']:.0%} pessimistic; "
                         "FLOPs as FlopCounterMode counts them (matrix products and attention only)",
-        "fitting_gpu": ("per-pass times from gpu_check.json: an H100 SXM roofline (fp32 67 TFLOP/s, 3.35 TB/s, "
-                        "no launch overhead, 100 % of peak) unless a measured CUDA run is recorded; headline: "
+        "fitting_gpu": ("per-pass times: benchmarks/cost_model.py's H100 SXM roofline (fp32 67 TFLOP/s, 3.35 TB/s, "
+                        "no launch overhead, 100 % of peak) on gpu_check.json's evaluation counts, unless "
+                        "gpu_check.json records a measured CUDA run; headline: "
                         f"{HEADLINE_MODEL} (every request goes to DRAM, the slower bound); a roofline is a lower "
                         "bound on time, real kernels are slower"),
         "fitting_step": ("a step is the render passes of passes_per_step (colour_solve "
@@ -551,27 +493,26 @@ def run(out: str | Path, fitting_path: str | Path = "benchmarks/fitting.json",
         gpu_check_path: str | Path = "benchmarks/gpu_check.json", params_path: str | Path = "params.yaml",
         profile: str | Path | None = "profiles/paper.yaml", levels: list[int] | None = None,
         decode_repeats: int = 200, flops_fn: Callable[..., dict[str, Any]] = training_flops,
-        decode_fn: Callable[..., dict[str, Any]] = measure_decode) -> dict[str, Any]:
+        decode_fn: Callable[..., dict[str, Any]] = measure_decode, argv: list[str] | None = None) -> dict[str, Any]:
     from gsclip_lib.params import load_params
 
     started = time.perf_counter()
     params = load_params(params_path, profile=profile)
     fitting_path, gpu_check_path = Path(fitting_path), Path(gpu_check_path)
-    fitting, gpu_check = load_json(fitting_path), load_json(gpu_check_path)
+    fitting, gpu_check = (json.loads(path.read_text()) for path in (fitting_path, gpu_check_path))
     levels = levels or [params.fit.num_splats, *params.prune.levels]
     fit = project_fitting(params, fitting, gpu_check)
     flops = flops_fn(params, levels)
     training = project_training(params, flops)
     decode = decode_fn(repeats=decode_repeats)
     report: dict[str, Any] = {
-        "benchmark": "projection of the paper-scale run from measured per-image costs (issue #13 item 8)",
-        "command": "python -m benchmarks.projection --out benchmarks/projection.json",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {**machine_info(), "git": _git("rev-parse", "--short", "HEAD") or None},
+        "benchmark": "projection of the paper-scale run from measured per-image costs",
+        "command": command_line("benchmarks.projection", argv),
+        "machine": machine_info(),
         "inputs": {
-            "fitting": provenance(fitting_path), "gpu_check": provenance(gpu_check_path),
-            "params": provenance(Path(params_path)),
-            "profile": provenance(Path(profile)) if profile else None,
+            "fitting": file_provenance(fitting_path), "gpu_check": file_provenance(gpu_check_path),
+            "params": file_provenance(params_path),
+            "profile": file_provenance(profile) if profile else None,
             "gpu_check_measured_cuda_run": measured_gpu(gpu_check) is not None,
         },
         "assumptions": assumptions(params),
@@ -584,7 +525,7 @@ def run(out: str | Path, fitting_path: str | Path = "benchmarks/fitting.json",
     report["loader"] = loader_cores(decode, fit, training)
     report["summary"] = summary_rows(report)
     report["runtime_seconds"] = time.perf_counter() - started
-    Path(out).write_text(json.dumps(report, indent=1) + "\n")
+    write_json(out, report)
     return report
 
 
@@ -600,8 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-repeats", type=int, default=200)
     args = parser.parse_args(argv)
     report = run(args.out, args.fitting, args.gpu_check, args.params, args.profile or None, args.levels,
-                 args.decode_repeats)
-    print(format_table(report["summary"]))
+                 args.decode_repeats, argv=argv)
+    print(summary_table(report["summary"]))
     loader = report["loader"]
     print(f"\nJPEG decode (loader, 224x224 q90): {loader['decode_seconds_224'] * 1e3:.2f} ms per image per core; "
           f"from a 512x512 source {loader['decode_seconds_512_source'] * 1e3:.2f} ms")

@@ -15,24 +15,21 @@ saved after every variant, so a long run can be stopped and continued with ``--v
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
+import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from benchmarks.harness import command_line, machine_info
 from gsclip_lib.atomic_files import write_json
 from gsclip_lib.evaluation.zero_shot import build_classifier, evaluate_zero_shot, image_shard_batches, splat_shard_batches
 from gsclip_lib.models.rgb_clip import create_rgb_clip
 from gsclip_lib.models.splat_clip import load_splat_clip
 from gsclip_lib.params import Params, load_params
-from gsclip_lib.stages.align import align_level, teacher_model_config
+from gsclip_lib.stages.align import align_level
 from gsclip_lib.stages.evaluate import evaluation_sets, rendered_back
 
 # name -> (what it changes, overrides of params.yaml). "default" is params.yaml as it stands.
@@ -88,7 +85,7 @@ def score_tower(params: Params, rgb: Any, tower_path: Path, level: int) -> dict[
 
 def score_rgb(params: Params, level: int) -> dict[str, float]:
     """The RGB model's top-1 on the eval pixels and on the level's eval splats rendered back."""
-    rgb = create_rgb_clip(teacher_model_config(params))
+    rgb = create_rgb_clip(params.trained_rgb_model())
     rgb.model.eval()
     eval_set = eval_split(params)
     data = params.data
@@ -114,7 +111,7 @@ def run_variant(params_path: str | Path, name: str, level: int, work_dir: Path, 
     folder = work_dir / name
     shutil.rmtree(folder, ignore_errors=True)  # a fresh run, never a resume of an older one
     params = variant_params(params_path, overrides, folder)
-    rgb = create_rgb_clip(teacher_model_config(params))
+    rgb = create_rgb_clip(params.trained_rgb_model())
     started, cpu_started = time.perf_counter(), time.process_time()
     result = align_level(rgb, str(params.splat_dir(level, "train")), params.align, params.data,
                          progress=progress, level=level)
@@ -150,11 +147,6 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _git_commit() -> str | None:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml")
@@ -176,13 +168,9 @@ def main(argv: list[str] | None = None) -> None:
         if not Path(needed).exists():
             raise SystemExit(f"{needed} is missing: run the default pipeline first (make repro)")
     out = Path(args.out)
-    report: dict[str, Any] = {}
-    if out.is_file():
-        import json
-
-        report = json.loads(out.read_text())
-        if report.get("level") != level:
-            report = {}
+    report: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
+    if report.get("level") != level:
+        report = {}
     report.update({"level": level, "variants": report.get("variants", {})})
     report.update(score_rgb(params, level))
     for name in names:
@@ -190,11 +178,10 @@ def main(argv: list[str] | None = None) -> None:
         report["variants"][name] = run_variant(args.params, name, level, Path(args.work_dir), not args.no_progress)
         row = report["variants"][name]
         print(f"variant {name}: top-1 {100 * row['top1']:.1f} % in {row['align_cpu_seconds']:.0f} CPU s", flush=True)
-        report["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                             "python": platform.python_version(), "torch": torch.__version__}
-        report["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        report["git_commit"] = _git_commit()
-        report["command"] = " ".join([Path(sys.executable).name, "-m", "benchmarks.tower_ablation", *(argv or sys.argv[1:])])
+        for stale in ("git_commit", "date"):  # files written before the harness kept these at the top
+            report.pop(stale, None)
+        report["machine"] = machine_info()  # with the date and the commit (machine.git)
+        report["command"] = command_line("benchmarks.tower_ablation", argv)
         write_json(out, report)
     print(markdown_table(report))
 

@@ -51,6 +51,15 @@ def default_device(local_rank: int | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def model_device(model: object) -> torch.device:
+    """Where ``model``'s parameters live (the first one's device); the CPU for a model without any."""
+    parameters = getattr(model, "parameters", None)
+    if parameters is not None:
+        for parameter in parameters():
+            return parameter.device
+    return torch.device("cpu")
+
+
 def init_distributed(timeout_seconds: float = 1800.0) -> DistInfo:
     """Join torchrun's process group (once; later calls only report it); rank 0 of 1 without torchrun."""
     if not launched_by_torchrun():
@@ -72,26 +81,34 @@ def init_distributed(timeout_seconds: float = 1800.0) -> DistInfo:
 
 
 def rank_and_world_size() -> tuple[int, int]:
-    """``(rank, world_size)`` of the initialized process group, else ``(0, 1)``."""
+    """``(rank, world_size)`` of this process: the process group's once it is initialized, torchrun's
+    ``RANK``/``WORLD_SIZE`` before that, ``(0, 1)`` outside torchrun. The one source of rank."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     return 0, 1
 
 
+def process_group_size() -> int:
+    """Processes in the initialized process group, 1 before (or without) one: what a collective spans."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def is_main() -> bool:
-    """True on rank 0, and in a process that is not part of a group."""
+    """True on rank 0, and in a process outside torchrun."""
     return rank_and_world_size()[0] == 0
 
 
 def barrier() -> None:
-    if rank_and_world_size()[1] > 1:
+    if process_group_size() > 1:
         dist.barrier()
 
 
 def all_reduce_mean(tensor: Tensor) -> Tensor:
     """The mean of ``tensor`` over all ranks (a new tensor; the input is left unchanged)."""
     result = tensor.detach().clone()
-    world_size = rank_and_world_size()[1]
+    world_size = process_group_size()
     if world_size > 1:
         dist.all_reduce(result, op=dist.ReduceOp.SUM)
         result /= world_size
@@ -100,7 +117,7 @@ def all_reduce_mean(tensor: Tensor) -> Tensor:
 
 def all_reduce_min(value: int | float) -> int | float:
     """The smallest ``value`` over all ranks (e.g. the number of batches every rank can fill)."""
-    if rank_and_world_size()[1] == 1:
+    if process_group_size() == 1:
         return value
     tensor = torch.tensor([value], dtype=torch.float64, device=collective_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
@@ -110,7 +127,7 @@ def all_reduce_min(value: int | float) -> int | float:
 
 def all_gather_objects(obj: object) -> list[object]:
     """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
-    world_size = rank_and_world_size()[1]
+    world_size = process_group_size()
     if world_size == 1:
         return [obj]
     gathered: list[object] = [None] * world_size
@@ -119,17 +136,10 @@ def all_gather_objects(obj: object) -> list[object]:
 
 
 def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """``(rank, world_size)``: as given, else torch.distributed's when initialized, else torchrun's
-    ``RANK``/``WORLD_SIZE`` environment, else ``(0, 1)``."""
-    if rank is None or world_size is None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            found = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            found = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        else:
-            found = 0, 1
-        rank = found[0] if rank is None else rank
-        world_size = found[1] if world_size is None else world_size
+    """``(rank, world_size)``: each as given, else :func:`rank_and_world_size`'s; checked."""
+    found = rank_and_world_size()
+    rank = found[0] if rank is None else rank
+    world_size = found[1] if world_size is None else world_size
     valid = isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size
     if not valid:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")

@@ -162,11 +162,6 @@ class DataConfig(ConfigModel):
             raise ValueError("imagenet_class_names is set but imagenet_dir is empty")
         return self
 
-    @property
-    def prepares_fashion_mnist(self) -> bool:
-        """Whether ``prepare`` writes Fashion-MNIST's shards: some split reads the prepared ones."""
-        return self.train_shards == "" or self.eval_shards == ""
-
     def shard_pattern(self, split: str) -> str:
         """The printf pattern ``prepare`` writes a split's shards to."""
         return str(Path(self.shards_dir) / f"{split}-%06d.tar")
@@ -321,6 +316,11 @@ class Params(ConfigModel):
     def levels(self) -> list[int]:
         """Every compression level, largest first: the fitted one, then the pruned ones."""
         return [self.fit.num_splats, *sorted(self.prune.levels, reverse=True)]
+
+    def trained_rgb_model(self) -> RgbModelConfig:
+        """The RGB model the stages after ``pretrain`` use (the teacher, the pixel baseline): the
+        weights the pretrain stage saved."""
+        return self.model.replace(checkpoint=str(self.pretrain.model_path()), pretrained="")
 
     def splat_splits(self) -> dict[str, str]:
         """Every split the fit stage fits, by name, with its image shard spec: ``train``, ``eval``

@@ -33,6 +33,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from kernels.arguments import (
+    KernelInputs,
+    check_cutoff,
+    fp32_copy,
+    grads_for_inputs,
+    kernel_inputs,
+    rasterizer_args,
+    save_for_kernel_backward,
+    saved_kernel_inputs,
+)
+
 SOURCE = Path(__file__).resolve().parent / "csrc" / "splat_raster.cpp"
 MAX_CHANNELS = 16  # the backward and the adjoint keep per-channel sums in fixed arrays
 
@@ -95,73 +106,55 @@ def cpu_kernel_available() -> bool:
     return True
 
 
-def _contiguous(tensor: Tensor) -> Tensor:
-    return tensor.detach().to(torch.float32).contiguous()
-
-
-def _checked(positions: Tensor, cholesky: Tensor, valid: Tensor, *others: Tensor) -> list[Tensor]:
-    """Contiguous float32 (bool for ``valid``) CPU copies the C code may read."""
-    for tensor in (positions, cholesky, valid, *others):
+def _require_cpu(*tensors: Tensor) -> None:
+    for tensor in tensors:
         if tensor.device.type != "cpu":
             raise ValueError(f"the C++ rasterizer runs on CPU tensors, got one on {tensor.device}")
-    if positions.dim() != 3 or positions.shape[-1] != 2 or tuple(cholesky.shape) != (*positions.shape[:2], 3):
-        raise ValueError(f"positions must be [B, N, 2] and cholesky [B, N, 3], got {tuple(positions.shape)}, "
-                         f"{tuple(cholesky.shape)}")
-    return [_contiguous(positions), _contiguous(cholesky), valid.to(torch.bool).contiguous(),
-            *(_contiguous(t) for t in others)]
 
 
-def _forward(positions, cholesky, colours, valid, height: int, width: int, cutoff: float) -> Tensor:
-    positions, cholesky, valid, colours = _checked(positions, cholesky, valid, colours)
-    batch, num, channels = colours.shape
+def _forward(inputs: KernelInputs, height: int, width: int, cutoff: float) -> Tensor:  # [B, C, H, W] fp32
+    batch, num, channels = inputs.colours.shape
     out = torch.empty((batch, channels, height, width), dtype=torch.float32)
     if out.numel():
-        library().splat_forward(positions.data_ptr(), cholesky.data_ptr(), colours.data_ptr(), valid.data_ptr(),
-                                batch, num, channels, height, width, cutoff, out.data_ptr(), torch.get_num_threads())
+        library().splat_forward(*(t.data_ptr() for t in inputs), batch, num, channels, height, width, cutoff,
+                                out.data_ptr(), torch.get_num_threads())
     return out
 
 
-def _backward(grad_image, positions, cholesky, colours, valid, height: int, width: int,
-              cutoff: float) -> tuple[Tensor, Tensor, Tensor]:
-    positions, cholesky, valid, colours, grad_image = _checked(positions, cholesky, valid, colours, grad_image)
-    batch, num, channels = colours.shape
-    grads = (torch.zeros_like(positions), torch.zeros_like(cholesky), torch.zeros_like(colours))
+def _backward(grad_image: Tensor, inputs: KernelInputs, height: int, width: int,
+              cutoff: float) -> tuple[Tensor, Tensor, Tensor]:  # fp32 grads of positions, cholesky, colours
+    batch, num, channels = inputs.colours.shape
+    grads = (torch.zeros_like(inputs.positions), torch.zeros_like(inputs.cholesky), torch.zeros_like(inputs.colours))
     if batch * num:
-        library().splat_backward(grad_image.data_ptr(), positions.data_ptr(), cholesky.data_ptr(),
-                                 colours.data_ptr(), valid.data_ptr(), batch, num, channels, height, width, cutoff,
-                                 *(g.data_ptr() for g in grads), torch.get_num_threads())
+        library().splat_backward(grad_image.data_ptr(), *(t.data_ptr() for t in inputs), batch, num, channels,
+                                 height, width, cutoff, *(g.data_ptr() for g in grads), torch.get_num_threads())
     return grads
 
 
 class _CpuRender(torch.autograd.Function):
+    # Arguments as rasterize_cpu's, checked there. The C code reads the mask as bool.
     @staticmethod
     def forward(ctx, positions, cholesky, colours, valid, height, width, cutoff):
-        ctx.save_for_backward(positions, cholesky, colours, valid)
-        ctx.geometry = (height, width, cutoff)
-        ctx.dtypes = (positions.dtype, cholesky.dtype, colours.dtype)
-        return _forward(positions, cholesky, colours, valid, height, width, cutoff).to(colours.dtype)
+        inputs = kernel_inputs(positions, cholesky, colours, valid, valid_dtype=torch.bool)
+        save_for_kernel_backward(ctx, (positions, cholesky, colours), inputs, (height, width, cutoff))
+        return _forward(inputs, height, width, cutoff).to(colours.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_image):
-        positions, cholesky, colours, valid = ctx.saved_tensors
-        grads = _backward(grad_image, positions, cholesky, colours, valid, *ctx.geometry)
-        return (*(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)), None, None, None, None)
+        grad_image, inputs, _ = saved_kernel_inputs(ctx, grad_image)
+        return grads_for_inputs(ctx, _backward(grad_image, inputs, *ctx.geometry))
 
 
-def rasterize_cpu(
-    positions: Tensor,  # [B, N, 2] (x, y) in pixels, CPU
-    cholesky: Tensor,  # [B, N, 3] (l11, l21, l22) in pixels
-    colours: Tensor,  # [B, N, C], C <= 16
-    valid: Tensor,  # [B, N] bool
-    height: int,
-    width: int,
-    cutoff: float = math.inf,  # Mahalanobis radius beyond which a splat contributes nothing
-) -> Tensor:  # [B, C, H, W]
-    """Render by accumulated sum; differentiable in all but ``valid``. Computes in fp32."""
-    if colours.dim() != 3 or colours.shape[-1] > MAX_CHANNELS:
+def rasterize_cpu(positions: Tensor, cholesky: Tensor, colours: Tensor, valid: Tensor, height: int, width: int,
+                  cutoff: float = math.inf) -> Tensor:  # [B, C, H, W]
+    """Render by accumulated sum; differentiable in all but ``valid``. Computes in fp32. The arguments
+    are the rasterizers' (:mod:`kernels.arguments`), on the CPU, with at most 16 channels."""
+    height, width, cutoff = rasterizer_args(positions, cholesky, colours, valid, height, width, cutoff)
+    _require_cpu(positions)  # the other three are on its device
+    if colours.shape[-1] > MAX_CHANNELS:
         raise ValueError(f"colours must be [B, N, C] with C <= {MAX_CHANNELS}, got {tuple(colours.shape)}")
-    return _CpuRender.apply(positions, cholesky, colours, valid, int(height), int(width), float(cutoff))
+    return _CpuRender.apply(positions, cholesky, colours, valid, height, width, cutoff)
 
 
 def colour_adjoint(
@@ -173,7 +166,12 @@ def colour_adjoint(
 ) -> tuple[Tensor, Tensor]:  # W^T image [B, N, C]; sum_p w(p)^2 [B, N]
     """The render's adjoint in the colours, and each splat's squared weight norm (the diagonal of
     ``W^T W``); zeros for invalid splats."""
-    positions, cholesky, valid, image = _checked(positions, cholesky, valid, image)
+    _require_cpu(image, positions, cholesky, valid)
+    if positions.dim() != 3 or positions.shape[-1] != 2 or tuple(cholesky.shape) != (*positions.shape[:2], 3):
+        raise ValueError(f"positions must be [B, N, 2] and cholesky [B, N, 3], got {tuple(positions.shape)}, "
+                         f"{tuple(cholesky.shape)}")
+    positions, cholesky, image = (fp32_copy(t) for t in (positions, cholesky, image))
+    valid = valid.to(torch.bool).contiguous()
     batch, channels, height, width = image.shape
     num = positions.shape[1]
     if channels > MAX_CHANNELS:
@@ -182,6 +180,6 @@ def colour_adjoint(
     squared_norms = torch.zeros((batch, num), dtype=torch.float32)
     if batch * num:
         library().splat_colour_adjoint(image.data_ptr(), positions.data_ptr(), cholesky.data_ptr(), valid.data_ptr(),
-                                       batch, num, channels, height, width, float(cutoff), adjoint.data_ptr(),
+                                       batch, num, channels, height, width, check_cutoff(cutoff), adjoint.data_ptr(),
                                        squared_norms.data_ptr(), torch.get_num_threads())
     return adjoint, squared_norms

@@ -21,6 +21,8 @@ import math
 import torch
 from torch import Tensor
 
+from kernels.arguments import rasterizer_args
+
 
 def pixel_centres(height: int, width: int, like: Tensor) -> tuple[Tensor, Tensor]:
     """x and y coordinates of every pixel centre, each ``[H, W]``, on ``like``'s device and dtype."""
@@ -75,6 +77,9 @@ def rasterize_dense_torch(
     width: int,
     cutoff: float = math.inf,  # Mahalanobis radius beyond which a splat contributes nothing
 ) -> Tensor:  # [B, C, H, W]
+    """The accumulated-sum render, as the module docstring defines it (differentiable in all but
+    ``valid``); the definition every other rasterizer is tested against."""
+    height, width, cutoff = rasterizer_args(positions, cholesky, colours, valid, height, width, cutoff)
     weights = splat_weights_dense(positions, cholesky, valid, height, width, cutoff)
     colours = torch.where(valid[..., None], colours, torch.zeros_like(colours))
     return torch.einsum("bnhw,bnc->bchw", weights, colours)

@@ -13,7 +13,7 @@ exact zeros. Here:
   from its Cholesky factor and the cutoff, and for every (image, tile) of ``tile_size`` x
   ``tile_size`` pixels the ascending list of splats whose box touches it.
 - Forward: one program per (image, tile). It owns the tile's pixels and streams only its own list
-  past them, ``BLOCK_N`` splats at a time, with the dense kernel's weight code. It writes its pixels
+  past them, ``BLOCK_N`` splats at a time, with the dense kernel's forward step. It writes its pixels
   once: no atomics, and the sum runs in list order, so it is deterministic.
 - Backward: one program per (image, splat). It walks the splat's own pixel box (clipped to the
   image), ``BLOCK_P`` pixels at a time, and reduces the same gradient terms as the dense backward
@@ -26,6 +26,8 @@ gradient term, all proportional to it) is exactly zero, so the two compute the s
 order of float additions. With ``cutoff = inf`` every splat reaches every pixel and nothing can be
 culled: ``rasterize_triton_tiled`` then calls the dense kernels.
 
+Both directions are built from the pieces the dense kernels use (``kernels.triton_common``); the
+argument check and the autograd save and restore are every rasterizer's (``kernels.arguments``).
 Works on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (set before import).
 """
 
@@ -38,8 +40,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.rasterize_triton import _cutoff_args, _load_splats, _splat_weights, rasterize_triton
+from kernels.arguments import (KernelInputs, grads_for_inputs, kernel_inputs, rasterizer_args,
+                               save_for_kernel_backward, saved_kernel_inputs)
+from kernels.rasterize_triton import rasterize_triton
 from kernels.tiling import TileBins, bin_splats_to_tiles
+from kernels.triton_common import (accumulate_splat_grads, image_buffer, image_offsets, load_colours, load_splats,
+                                   splat_block_colour, splat_grad_buffers, splat_weights, store_splat_grads,
+                                   zero_splat_grads)
 
 DEFAULT_TILE_SIZE = 16
 TILE_SIZES = (4, 8, 16, 32)  # powers of two: a tile's pixels are one tl.arange block
@@ -95,22 +102,14 @@ def _tiled_fwd_kernel(
     acc = tl.zeros((TILE * TILE, C_PAD), dtype=tl.float32)
     for k0 in range(start, end, BLOCK_N):
         offs_k = k0 + tl.arange(0, BLOCK_N)
-        # Lanes past the list read splat N, which _load_splats treats as a dead padding splat.
+        # Lanes past the list read splat N, which the shared loads treat as a dead padding splat.
         offs_n = tl.load(tile_splats_ptr + offs_k, mask=offs_k < end, other=N)
-        mu_x, mu_y, inv_l11, l21, inv_l22, live = _load_splats(
-            positions_ptr, cholesky_ptr, valid_ptr, pid_b, offs_n, N
+        acc += splat_block_colour(
+            positions_ptr, cholesky_ptr, colours_ptr, valid_ptr, pid_b, offs_n, N,
+            px, py, offs_c, cutoff_sq, C, True,
         )
-        w, _z1, _z2 = _splat_weights(
-            px, py, mu_x, mu_y, inv_l11, l21, inv_l22, live, cutoff_sq, True
-        )  # [TILE * TILE, BLOCK_N]
-        col_offs = (pid_b * N + offs_n)[:, None] * C + offs_c[None, :]
-        col_mask = (offs_n < N)[:, None] & mask_c[None, :]
-        col = tl.load(colours_ptr + col_offs, mask=col_mask, other=0.0)  # [BLOCK_N, C_PAD]
-        col = tl.where(live[:, None], col, 0.0)
-        acc += tl.sum(w[:, :, None] * col[None, :, :], axis=1)
 
-    pix = pix_y * W + pix_x
-    out_offs = pid_b * C * H * W + offs_c[None, :] * (H * W) + pix[:, None]
+    out_offs = image_offsets(pid_b, pix_y * W + pix_x, offs_c, H * W, C)
     tl.store(out_ptr + out_offs, acc, mask=mask_p[:, None] & mask_c[None, :])
 
 
@@ -136,28 +135,20 @@ def _tiled_bwd_kernel(
     # Flat grid (B * N,): program = image * N + splat, the splat's row in every [B, N, ...] tensor.
     row = tl.program_id(0).to(tl.int64)
     pid_b = row // N
-    offs_n = (row % N) + tl.arange(0, 1)  # [1]: the dense helpers take a block of splats
-    mu_x, mu_y, inv_l11, l21, inv_l22, live = _load_splats(
+    offs_n = (row % N) + tl.arange(0, 1)  # [1]: the shared pieces take a block of splats
+    mu_x, mu_y, inv_l11, l21, inv_l22, live = load_splats(
         positions_ptr, cholesky_ptr, valid_ptr, pid_b, offs_n, N
     )
     offs_c = tl.arange(0, C_PAD)
     mask_c = offs_c < C
-    col = tl.load(colours_ptr + row * C + offs_c, mask=mask_c, other=0.0)[None, :]  # [1, C_PAD]
-    col = tl.where(live[:, None], col, 0.0)
+    col, col_offs, col_mask = load_colours(colours_ptr, pid_b, offs_n, N, live, offs_c, C)  # [1, C_PAD]
 
     first_col = tl.load(boxes_ptr + row * 4 + 0)
     first_row = tl.load(boxes_ptr + row * 4 + 1)
     box_cols = tl.load(boxes_ptr + row * 4 + 2)
     box_pixels = box_cols * tl.load(boxes_ptr + row * 4 + 3)  # 0 for an invalid or unseen splat
 
-    g_col = tl.zeros((1, C_PAD), dtype=tl.float32)
-    g_dx = tl.zeros((1,), dtype=tl.float32)
-    g_dy = tl.zeros((1,), dtype=tl.float32)
-    g_l11 = tl.zeros((1,), dtype=tl.float32)
-    g_l21 = tl.zeros((1,), dtype=tl.float32)
-    g_l22 = tl.zeros((1,), dtype=tl.float32)
-
-    grad_base = pid_b * C * HW + offs_c[None, :] * HW  # [1, C_PAD]
+    g_col, g_dx, g_dy, g_l11, g_l21, g_l22 = zero_splat_grads(1, C_PAD)
     for k0 in range(0, box_pixels, BLOCK_P):
         # The box's pixels in row-major order; lanes past its end read a zero cotangent.
         offs_k = k0 + tl.arange(0, BLOCK_P)
@@ -167,202 +158,107 @@ def _tiled_bwd_kernel(
         px = pix_x.to(tl.float32) + 0.5
         py = pix_y.to(tl.float32) + 0.5
         g = tl.load(
-            grad_out_ptr + grad_base + (pix_y * W + pix_x)[:, None],
+            grad_out_ptr + image_offsets(pid_b, pix_y * W + pix_x, offs_c, HW, C),
             mask=mask_k[:, None] & mask_c[None, :],
             other=0.0,
         )  # [BLOCK_P, C_PAD]
-        w, z1, z2 = _splat_weights(
+        w, z1, z2 = splat_weights(
             px, py, mu_x, mu_y, inv_l11, l21, inv_l22, live, cutoff_sq, True
         )  # [BLOCK_P, 1]
+        g_col, g_dx, g_dy, g_l11, g_l21, g_l22 = accumulate_splat_grads(
+            g_col, g_dx, g_dy, g_l11, g_l21, g_l22, g, w, z1, z2, col, l21, inv_l22
+        )
 
-        # The dense backward's terms (kernels/rasterize_triton.py derives them), for one splat.
-        g_col += tl.sum(w[:, :, None] * g[:, None, :], axis=0)
-        g_w = tl.sum(g[:, None, :] * col[None, :, :], axis=2)  # [BLOCK_P, 1]
-        g_dsq = -0.5 * w * g_w
-        g_z2 = 2.0 * g_dsq * z2
-        g_z1 = 2.0 * g_dsq * z1 - g_z2 * (l21 * inv_l22)[None, :]
-        g_dx += tl.sum(g_z1, axis=0)
-        g_l11 -= tl.sum(g_z1 * z1, axis=0)
-        g_dy += tl.sum(g_z2, axis=0)
-        g_l21 -= tl.sum(g_z2 * z1, axis=0)
-        g_l22 -= tl.sum(g_z2 * z2, axis=0)
-
-    g_dx = g_dx * inv_l11
-    g_l11 = g_l11 * inv_l11
-    g_dy = g_dy * inv_l22
-    g_l21 = g_l21 * inv_l22
-    g_l22 = g_l22 * inv_l22
-
-    rows = row + tl.arange(0, 1)  # [1]
-    tl.store(grad_positions_ptr + rows * 2 + 0, -g_dx)
-    tl.store(grad_positions_ptr + rows * 2 + 1, -g_dy)
-    tl.store(grad_cholesky_ptr + rows * 3 + 0, g_l11)
-    tl.store(grad_cholesky_ptr + rows * 3 + 1, g_l21)
-    tl.store(grad_cholesky_ptr + rows * 3 + 2, g_l22)
-    tl.store(grad_colours_ptr + row * C + offs_c[None, :], g_col, mask=mask_c[None, :])
+    store_splat_grads(
+        grad_positions_ptr, grad_cholesky_ptr, grad_colours_ptr, pid_b, offs_n, N, col_offs, col_mask,
+        g_col, g_dx, g_dy, g_l11, g_l21, g_l22, inv_l11, inv_l22,
+    )
 
 
 def _tiled_fwd(
-    positions: Tensor,  # [B, N, 2] fp32 contiguous
-    cholesky: Tensor,  # [B, N, 3] fp32 contiguous
-    colours: Tensor,  # [B, N, C] fp32 contiguous
-    valid: Tensor,  # [B, N] uint8 contiguous
-    bins: TileBins,
-    height: int,
-    width: int,
-    cutoff: float,
+    inputs: KernelInputs, bins: TileBins, height: int, width: int, cutoff: float
 ) -> Tensor:  # [B, C, H, W] fp32
-    batch, n_splats, channels = colours.shape
-    out = torch.empty((batch, channels, height, width), device=colours.device, dtype=torch.float32)
-    if out.numel() == 0:
-        return out
-    cutoff_sq, _ = _cutoff_args(cutoff)
-    _tiled_fwd_kernel[(batch * bins.tiles_per_image,)](
-        positions,
-        cholesky,
-        colours,
-        valid,
-        bins.tile_offsets,
-        bins.tile_splats,
-        out,
-        n_splats,
-        height,
-        width,
-        bins.tiles_x,
-        bins.tiles_per_image,
-        cutoff_sq,
-        C=channels,
-        C_PAD=triton.next_power_of_2(channels),
-        TILE=bins.tile_size,
-        BLOCK_N=forward_block_n(bins.tile_size),
-    )
+    out, sizes = image_buffer(inputs, height, width, cutoff)
+    if sizes is not None:
+        _tiled_fwd_kernel[(sizes.batch * bins.tiles_per_image,)](
+            *inputs,
+            bins.tile_offsets,
+            bins.tile_splats,
+            out,
+            sizes.n_splats,
+            height,
+            width,
+            bins.tiles_x,
+            bins.tiles_per_image,
+            sizes.cutoff_sq,
+            **sizes.channel_constexprs,
+            TILE=bins.tile_size,
+            BLOCK_N=forward_block_n(bins.tile_size),
+        )
     return out
 
 
 def _tiled_bwd(
     grad_out: Tensor,  # [B, C, H, W] fp32 contiguous
-    positions: Tensor,  # [B, N, 2] fp32 contiguous
-    cholesky: Tensor,  # [B, N, 3] fp32 contiguous
-    colours: Tensor,  # [B, N, C] fp32 contiguous
-    valid: Tensor,  # [B, N] uint8 contiguous
+    inputs: KernelInputs,
     boxes: Tensor,  # [B, N, 4] int32 contiguous
     height: int,
     width: int,
     cutoff: float,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fp32 grads of positions, cholesky, colours
-    batch, n_splats, channels = colours.shape
-    grad_positions = torch.empty_like(positions)
-    grad_cholesky = torch.empty_like(cholesky)
-    grad_colours = torch.empty_like(colours)
-    if batch * n_splats == 0:
-        return grad_positions, grad_cholesky, grad_colours
-    if height * width == 0:
-        return grad_positions.zero_(), grad_cholesky.zero_(), grad_colours.zero_()
-    cutoff_sq, _ = _cutoff_args(cutoff)
-    _tiled_bwd_kernel[(batch * n_splats,)](
-        grad_out,
-        positions,
-        cholesky,
-        colours,
-        valid,
-        boxes,
-        grad_positions,
-        grad_cholesky,
-        grad_colours,
-        n_splats,
-        width,
-        height * width,
-        cutoff_sq,
-        C=channels,
-        C_PAD=triton.next_power_of_2(channels),
-        BLOCK_P=_BWD_BLOCK_P,
-    )
-    return grad_positions, grad_cholesky, grad_colours
+    grads, sizes = splat_grad_buffers(inputs, height, width, cutoff)
+    if sizes is not None:
+        _tiled_bwd_kernel[(sizes.batch * sizes.n_splats,)](
+            grad_out,
+            *inputs,
+            boxes,
+            *grads,
+            sizes.n_splats,
+            width,
+            sizes.pixels,
+            sizes.cutoff_sq,
+            **sizes.channel_constexprs,
+            BLOCK_P=_BWD_BLOCK_P,
+        )
+    return grads
 
 
 class _RasterizeTritonTiled(torch.autograd.Function):
+    # Arguments as rasterize_triton_tiled's, checked there.
     @staticmethod
-    def forward(
-        ctx,
-        positions: Tensor,  # [B, N, 2]
-        cholesky: Tensor,  # [B, N, 3]
-        colours: Tensor,  # [B, N, C]
-        valid: Tensor,  # [B, N] bool
-        height: int,
-        width: int,
-        cutoff: float,
-        tile_size: int,
-    ) -> Tensor:  # [B, C, H, W]
-        pos32 = positions.detach().to(torch.float32).contiguous()
-        chol32 = cholesky.detach().to(torch.float32).contiguous()
-        col32 = colours.detach().to(torch.float32).contiguous()
-        valid8 = valid.detach().to(torch.uint8).contiguous()
+    def forward(ctx, positions, cholesky, colours, valid, height, width, cutoff, tile_size):
+        inputs = kernel_inputs(positions, cholesky, colours, valid)
         # Binned from the fp32 copies the kernels read, so boxes and kernel agree on every splat.
-        bins = bin_splats_to_tiles(pos32, chol32, valid8.bool(), height, width, cutoff, tile_size)
-        out = _tiled_fwd(pos32, chol32, col32, valid8, bins, height, width, cutoff)
-        boxes = bins.boxes.contiguous()
-        ctx.save_for_backward(pos32, chol32, col32, valid8, boxes)
-        ctx.height, ctx.width, ctx.cutoff = height, width, cutoff
-        ctx.dtypes = (positions.dtype, cholesky.dtype, colours.dtype)
-        return out.to(colours.dtype)
+        bins = bin_splats_to_tiles(
+            inputs.positions, inputs.cholesky, inputs.valid.bool(), height, width, cutoff, tile_size
+        )
+        save_for_kernel_backward(
+            ctx, (positions, cholesky, colours), inputs, (height, width, cutoff), bins.boxes.contiguous()
+        )
+        return _tiled_fwd(inputs, bins, height, width, cutoff).to(colours.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        pos32, chol32, col32, valid8, boxes = ctx.saved_tensors
-        g32 = grad_out.to(torch.float32).contiguous()
-        grads = _tiled_bwd(g32, pos32, chol32, col32, valid8, boxes, ctx.height, ctx.width, ctx.cutoff)
-        grad_positions, grad_cholesky, grad_colours = (
-            g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)
-        )
-        return grad_positions, grad_cholesky, grad_colours, None, None, None, None, None
+        grad_out, inputs, (boxes,) = saved_kernel_inputs(ctx, grad_out)
+        return grads_for_inputs(ctx, _tiled_bwd(grad_out, inputs, boxes, *ctx.geometry))
 
 
-def check_rasterizer_inputs(
-    positions: Tensor, cholesky: Tensor, colours: Tensor, valid: Tensor
-) -> None:
-    """ValueError unless the four tensors have the rasterizers' shapes and dtypes."""
-    if positions.dim() != 3 or positions.shape[-1] != 2:
-        raise ValueError(f"positions must be [B, N, 2], got {tuple(positions.shape)}")
-    batch, n_splats = positions.shape[:2]
-    if cholesky.shape != (batch, n_splats, 3):
-        raise ValueError(
-            f"cholesky must be [B, N, 3] = {(batch, n_splats, 3)}, got {tuple(cholesky.shape)}"
-        )
-    if colours.dim() != 3 or colours.shape[:2] != (batch, n_splats) or colours.shape[-1] < 1:
-        raise ValueError(f"colours must be [B, N, C] with C >= 1, got {tuple(colours.shape)}")
-    if valid.shape != (batch, n_splats):
-        raise ValueError(f"valid must be [B, N] = {(batch, n_splats)}, got {tuple(valid.shape)}")
-    for name, tensor in (("positions", positions), ("cholesky", cholesky), ("colours", colours)):
-        if not tensor.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
-    if valid.dtype != torch.bool:
-        raise ValueError(f"valid must be a bool tensor, got {valid.dtype}")
-
-
-def rasterize_triton_tiled(
-    positions: Tensor,  # [B, N, 2] (x, y) in pixels
-    cholesky: Tensor,  # [B, N, 3] (l11, l21, l22) in pixels
-    colours: Tensor,  # [B, N, C]
-    valid: Tensor,  # [B, N] bool
-    height: int,
-    width: int,
-    cutoff: float = math.inf,  # Mahalanobis radius beyond which a splat contributes nothing
-    tile_size: int = DEFAULT_TILE_SIZE,  # tile side in pixels, one of TILE_SIZES
-) -> Tensor:  # [B, C, H, W]
+def rasterize_triton_tiled(positions: Tensor, cholesky: Tensor, colours: Tensor, valid: Tensor, height: int,
+                           width: int, cutoff: float = math.inf,
+                           tile_size: int = DEFAULT_TILE_SIZE,  # tile side in pixels, one of TILE_SIZES
+                           ) -> Tensor:  # [B, C, H, W]; the other arguments as in kernels.arguments
     """Render a batch of splat sets by accumulated sum, culling splats to the tiles they reach.
 
     Same signature (plus ``tile_size``) and result as ``rasterize_triton`` and
     ``rasterize_dense_torch``; differentiable in all but ``valid``; computes in fp32. With
     ``cutoff = inf`` nothing can be culled and the dense kernels run instead.
     """
-    check_rasterizer_inputs(positions, cholesky, colours, valid)
+    height, width, cutoff = rasterizer_args(positions, cholesky, colours, valid, height, width, cutoff)
     if tile_size not in TILE_SIZES:
         raise ValueError(f"tile_size must be one of {TILE_SIZES}, got {tile_size}")
-    cutoff = float(cutoff)
-    _cutoff_args(cutoff)  # the ValueError for a negative or NaN cutoff
     if math.isinf(cutoff):
         return rasterize_triton(positions, cholesky, colours, valid, height, width, cutoff)
     return _RasterizeTritonTiled.apply(
-        positions, cholesky, colours, valid, int(height), int(width), cutoff, int(tile_size)
+        positions, cholesky, colours, valid, height, width, cutoff, int(tile_size)
     )

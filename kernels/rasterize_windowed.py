@@ -12,7 +12,7 @@ their weights form one ``[M, 2R + 1, 2R + 1]`` tensor that is scattered into the
 Cutoff and its error: the weight at the cutoff is ``exp(-cutoff^2 / 2)``; at the project's default
 cutoff of 3.5 that is 2.2e-3 of the splat's colour. Inside the cutoff the result equals the dense twin
 with the same cutoff to float rounding (tested). Against the exact, untruncated sum the error at a
-pixel is the sum of the tails it misses; tests/test_rasterize_windowed.py measures it on a fitted
+pixel is the sum of the tails it misses; tests/kernels/test_rasterize_windowed.py measures it on a
 photograph. Splats are fitted through the same truncated render, so a fit compensates for the cut.
 
 When windows would cover about as much as the whole image (small images such as 28x28, very large
@@ -30,6 +30,7 @@ import os
 import torch
 from torch import Tensor
 
+from kernels.arguments import rasterizer_args
 from kernels.rasterize_torch import pixel_centres
 
 # Window half-sizes R (in pixels) that splats are rounded up to. Few enough classes to keep the
@@ -129,18 +130,9 @@ def _window_contributions(
     positions: Tensor,  # [M, 2]
     cholesky: Tensor,  # [M, 3]
     colours: Tensor,  # [M, C]
-    image_index: Tensor,  # [M] int64
-    window_origin: Tensor,  # [M, 2] int64
-    row_offsets: Tensor,  # [Sr] int64
-    col_offsets: Tensor,  # [Sc] int64
-    height: int,
-    width: int,
-    cutoff: float,
+    *window,  # the rest of _window_geometry's arguments, from image_index to cutoff
 ) -> tuple[Tensor, Tensor]:  # contributions [M * P, C], flat_index [M * P]
-    weights, _, _, flat_index = _window_geometry(
-        positions, cholesky, image_index, window_origin, row_offsets, col_offsets, height, width,
-        cutoff,
-    )
+    weights, _, _, flat_index = _window_geometry(positions, cholesky, *window)
     contributions = weights[:, :, None] * colours[:, None, :]  # [M, P, C]
     return contributions.reshape(-1, colours.shape[1]), flat_index.reshape(-1)
 
@@ -150,20 +142,11 @@ def _window_backward(
     positions: Tensor,  # [M, 2]
     cholesky: Tensor,  # [M, 3]
     colours: Tensor,  # [M, C]
-    image_index: Tensor,  # [M] int64
-    window_origin: Tensor,  # [M, 2] int64
-    row_offsets: Tensor,  # [Sr] int64
-    col_offsets: Tensor,  # [Sc] int64
-    height: int,
-    width: int,
-    cutoff: float,
+    *window,  # the rest of _window_geometry's arguments, from image_index to cutoff
 ) -> tuple[Tensor, Tensor, Tensor]:  # grads of positions [M, 2], cholesky [M, 3], colours [M, C]
     # The weights are recomputed rather than saved: with the compiled path that is cheaper than
     # reading three [M, P] tensors back from memory, and it keeps the forward's memory small.
-    weights, z1, z2, flat_index = _window_geometry(
-        positions, cholesky, image_index, window_origin, row_offsets, col_offsets, height, width,
-        cutoff,
-    )
+    weights, z1, z2, flat_index = _window_geometry(positions, cholesky, *window)
     grad_pixels = grad_out[flat_index]  # [M, P, C]
     grad_colours = (weights[:, :, None] * grad_pixels).sum(1)
     grad_weights = (grad_pixels * colours[:, None, :]).sum(-1)  # [M, P]
@@ -286,15 +269,11 @@ def _window_classes(
     return torch.where(2 * radius + 1 >= whole_image, whole_image, radius)
 
 
-def rasterize_windowed_torch(
-    positions: Tensor,  # [B, N, 2] (x, y) in pixels
-    cholesky: Tensor,  # [B, N, 3] (l11, l21, l22) in pixels
-    colours: Tensor,  # [B, N, C]
-    valid: Tensor,  # [B, N] bool
-    height: int,
-    width: int,
-    cutoff: float = math.inf,  # Mahalanobis radius beyond which a splat contributes nothing
-) -> Tensor:  # [B, C, H, W]
+def rasterize_windowed_torch(positions: Tensor, cholesky: Tensor, colours: Tensor, valid: Tensor, height: int, width: int,
+                             cutoff: float = math.inf) -> Tensor:  # [B, C, H, W]; arguments as in kernels.arguments
+    """The accumulated-sum render of ``rasterize_dense_torch``, through windows or densely (module
+    docstring); differentiable in all but ``valid``."""
+    height, width, cutoff = rasterizer_args(positions, cholesky, colours, valid, height, width, cutoff)
     batch, num_slots, channels = colours.shape
     image_index, slot_index = valid.nonzero(as_tuple=True)
     whole_image = max(height, width)

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kernels.arguments import check_cutoff
+
 # Slack added to each half-extent, in pixels, relative and absolute (see the module docstring).
 BOX_RELATIVE_SLACK = 1e-5
 BOX_ABSOLUTE_SLACK = 1e-4
@@ -71,16 +73,11 @@ def _pixel_span(centre: Tensor, half: Tensor, size: int) -> tuple[Tensor, Tensor
 
 
 def splat_pixel_boxes(
-    positions: Tensor,  # [B, N, 2] (x, y) in pixels
-    cholesky: Tensor,  # [B, N, 3] (l11, l21, l22) in pixels
-    valid: Tensor,  # [B, N] bool
-    height: int,
-    width: int,
-    cutoff: float,
+    positions: Tensor, cholesky: Tensor, valid: Tensor,  # [B, N, 2], [B, N, 3] (l11, l21, l22), [B, N] bool; pixels
+    height: int, width: int, cutoff: float,
 ) -> Tensor:  # [B, N, 4] int32 (first column, first row, columns, rows), clipped to the image
     """Every splat's box of pixels that may lie within ``cutoff`` standard deviations of it."""
-    if not (cutoff >= 0):  # also rejects NaN
-        raise ValueError(f"cutoff must be a non-negative number or inf, got {cutoff}")
+    cutoff = check_cutoff(cutoff)
     positions = positions.detach().to(torch.float64)
     cholesky = cholesky.detach().to(torch.float64)
     half_x = cutoff * cholesky[..., 0].abs()
@@ -107,15 +104,8 @@ def splat_pixel_boxes(
     return torch.stack([first_col, first_row, cols, rows], -1).to(torch.int32)
 
 
-def bin_splats_to_tiles(
-    positions: Tensor,  # [B, N, 2] (x, y) in pixels
-    cholesky: Tensor,  # [B, N, 3] (l11, l21, l22) in pixels
-    valid: Tensor,  # [B, N] bool
-    height: int,
-    width: int,
-    cutoff: float,
-    tile_size: int = 16,
-) -> TileBins:
+def bin_splats_to_tiles(positions: Tensor, cholesky: Tensor, valid: Tensor, height: int, width: int, cutoff: float,
+                        tile_size: int = 16) -> TileBins:  # the splats as splat_pixel_boxes takes them
     """The per-(image, tile) splat lists of a batch, on the tensors' device (see the module docstring)."""
     if tile_size < 1:
         raise ValueError(f"tile_size must be a positive integer, got {tile_size}")

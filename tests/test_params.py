@@ -132,4 +132,3 @@ def test_shard_paths_follow_the_shards_folder(defaults):
     external = defaults.params("data.train_shards=/datacomp/{0000..0009}.tar", "data.eval_shards=none",
                                "data.imagenet_dir=/val")
     assert external.splat_splits() == {"train": "/datacomp/{0000..0009}.tar", "imagenet": "data/shards/imagenet-*.tar"}
-    assert not external.data.prepares_fashion_mnist

@@ -60,20 +60,8 @@ def _would_run(project: Path) -> set[str]:
 
 @pytest.mark.slow
 def test_tiny_pipeline_runs_end_to_end(tmp_path, fashion_mnist):
-    listing = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]  # tracked or not ignored
-    files = subprocess.run(listing, cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    project = tmp_path / "project"
-    for name in set(files):
-        source = ROOT / name
-        if source.is_file():
-            (project / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, project / name)
-    (project / "dvc.lock").unlink(missing_ok=True)
-    shutil.rmtree(project / "reports", ignore_errors=True)
+    project = _copy_of_the_project(tmp_path / "project")
     _write_image_folder(tmp_path / "folder", fashion_mnist)
-    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
-        assert _run(command, project).returncode == 0
-
     first = _run([sys.executable, "-m", "gsclip_lib.stages.profiles", "tiny", "-S",
                   f"data.imagenet_dir={tmp_path / 'folder'}"], project)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
@@ -82,6 +70,32 @@ def test_tiny_pipeline_runs_end_to_end(tmp_path, fashion_mnist):
     tiny = yaml.safe_load((ROOT / "profiles" / "tiny.yaml").read_text())
     assert params["data"]["train_size"] == tiny["data"]["train_size"] != 6000
     reports = project / params["paths"]["reports"]
+    _check_metrics(reports, params)
+    _check_pages(reports, project, params)
+    _check_what_reruns(project, params)
+    _check_a_figure_edit_redraws_pages_only(project)
+    _check_a_fit_edit_refits(project, reports)
+    _check_a_killed_fit_resumes(project, reports, params)
+
+
+def _copy_of_the_project(project: Path) -> Path:
+    """The project's files (tracked, or not ignored) in a fresh git repository, without a run's outputs."""
+    listing = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]  # tracked or not ignored
+    files = subprocess.run(listing, cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in set(files):
+        source = ROOT / name
+        if source.is_file():
+            (project / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, project / name)
+    (project / "dvc.lock").unlink(missing_ok=True)
+    shutil.rmtree(project / "reports", ignore_errors=True)
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+        assert _run(command, project).returncode == 0
+
+    return project
+
+
+def _check_metrics(reports: Path, params: dict) -> None:
     levels = [params["fit"]["num_splats"], *params["prune"]["levels"]]
     metrics = {path.relative_to(reports).as_posix(): json.loads(path.read_text()) for path in reports.rglob("metrics.json")}
     expected = {"fit_photos/metrics.json", "prepare/metrics.json", "fit/metrics.json", "pretrain/metrics.json",
@@ -118,6 +132,10 @@ def test_tiny_pipeline_runs_end_to_end(tmp_path, fashion_mnist):
         assert {row["method"] for row in scores["baselines"]} == {"jpeg", "thumbnail"}
     assert evaluation["sets"]["eval"]["rgb"]["top1"] > 0.2, "the tiny RGB model must beat chance (10 %) clearly"
 
+
+
+def _check_pages(reports: Path, project: Path, params: dict) -> None:
+    levels = [params["fit"]["num_splats"], *params["prune"]["levels"]]
     executed = sorted((reports / "notebooks").glob("*.ipynb"))
     assert len(executed) == 8  # one page per notebook
     for notebook in executed:
@@ -130,11 +148,12 @@ def test_tiny_pipeline_runs_end_to_end(tmp_path, fashion_mnist):
     headline = json.loads((reports / "evaluate" / "headline.json").read_text())
     assert set(headline["top1"]) == {"rgb"} | {f"N{level}" for level in levels}
 
+
+
+def _check_what_reruns(project: Path, params: dict) -> None:
     second = _run([sys.executable, "-m", "dvc", "repro"], project)
     assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
 
-    pages = {"fit_photos_page", "prepare_page", "fit_page", "prune_page", "pretrain_page", "align_page",
-             "evaluate_page", "report"}
     aligns = {"align_fitted"} | {f"align@{level}" for level in params["prune"]["levels"]}
     # A parameter changed: exactly the fit and the stages downstream of it would run.
     original = (project / "params.yaml").read_text()
@@ -158,6 +177,11 @@ def test_tiny_pipeline_runs_end_to_end(tmp_path, fashion_mnist):
         (project / module).write_text(source)
     assert _would_run(project) == set()
 
+
+
+def _check_a_figure_edit_redraws_pages_only(project: Path) -> None:
+    pages = {"fit_photos_page", "prepare_page", "fit_page", "prune_page", "pretrain_page", "align_page",
+             "evaluate_page", "report"}
     # A figure edited: the pages are redrawn, and no stage that fits or trains runs.
     figures = project / "gsclip_lib" / "reporting" / "figures.py"
     figures.write_text(figures.read_text() + "\n# a figure edited\n")
@@ -166,6 +190,11 @@ def test_tiny_pipeline_runs_end_to_end(tmp_path, fashion_mnist):
     assert set(re.findall(r"Running stage '([^']+)'", redraw.stdout)) == pages
     assert _would_run(project) == set()
 
+
+
+def _check_a_fit_edit_refits(project: Path, reports: Path) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    aligns = {"align_fitted"} | {f"align@{level}" for level in params["prune"]["levels"]}
     # The fit's maths edited: the fit reruns, and refits rather than keeping shards of the old code.
     fitting = project / "gsclip_lib" / "splats" / "fitting.py"
     fitting.write_text(fitting.read_text() + "\n# the fit's maths edited\n")
@@ -175,6 +204,11 @@ def test_tiny_pipeline_runs_end_to_end(tmp_path, fashion_mnist):
     fitted = json.loads((reports / "fit" / "metrics.json").read_text())
     assert fitted["resumed"]["train"] is False and fitted["train"]["shards_skipped"] == 0
 
+
+
+def _check_a_killed_fit_resumes(project: Path, reports: Path, params: dict) -> None:
+    original = (project / "params.yaml").read_text()
+    fitting = project / "gsclip_lib" / "splats" / "fitting.py"
     # A dvc repro killed in the middle of the fit resumes from the finished shards.
     fitting.write_text(fitting.read_text() + "\n# edited again\n")
     slow = yaml.safe_load(original)
@@ -184,29 +218,33 @@ def test_tiny_pipeline_runs_end_to_end(tmp_path, fashion_mnist):
     train = project / params["fit"]["out_dir"] / "fitted" / f"N{params['fit']['num_splats']}" / "train"
     started = time.time()
 
-    def finished_now() -> int:  # shards this run finished (the folder still holds the last run's at first)
-        count = 0
-        for path in train.glob("*.tar.stats.json"):
-            try:
-                count += path.stat().st_mtime >= started
-            except FileNotFoundError:  # the fit is clearing the last run's shards
-                pass
-        return count
-
     killed = _start([sys.executable, "-m", "dvc", "repro", "fit"], project)
     deadline = time.monotonic() + 600
-    while finished_now() < 1 and killed.poll() is None and time.monotonic() < deadline:
+    while _finished_since(train, started) < 1 and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert killed.poll() is None, "the fit ended before it could be killed"
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
-    finished = finished_now()
+    finished = _finished_since(train, started)
     resumed = _run([sys.executable, "-m", "dvc", "repro", "fit"], project)
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     fitted = json.loads((reports / "fit" / "metrics.json").read_text())
     shards = params["data"]["train_size"] // params["data"]["images_per_shard"]
     assert 1 <= finished < shards and fitted["train"]["shards_skipped"] == finished
     assert fitted["train"]["shards_written"] == shards - finished and fitted["train"]["images"] == params["data"]["train_size"]
+
+
+
+
+def _finished_since(train: Path, started: float) -> int:
+    """Shards of ``train`` finished after ``started`` (the folder still holds the last run's at first)."""
+    count = 0
+    for path in train.glob("*.tar.stats.json"):
+        try:
+            count += path.stat().st_mtime >= started
+        except FileNotFoundError:  # the fit is clearing the last run's shards
+            pass
+    return count
 
 
 def _start(command: list[str], cwd: Path) -> subprocess.Popen:

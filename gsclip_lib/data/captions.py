@@ -53,7 +53,7 @@ TRAINING_CAPTION_TEMPLATES = (
 
 # Zero-shot prompts for Fashion-MNIST, format strings for open_clip.build_zero_shot_classifier. They
 # use "the"/"my" where the training captions use "a"/"an", and other wordings, so that no prompt equals
-# a training caption (tests/test_captions.py checks this for every class).
+# a training caption (tests/data/test_captions.py checks this for every class).
 FASHION_MNIST_EVAL_TEMPLATES = (
     "a photo of the {}.",
     "a bad photo of the {}.",

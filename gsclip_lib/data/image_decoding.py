@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from gsclip_lib.errors import positive_int
+
 # Image file extensions read here, in the order a sample's members are searched for an image (DataComp
 # stores jpg; img2dataset may also write png or webp). Lower case, without the dot.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm")
@@ -61,8 +63,7 @@ def resize_and_center_crop(image: Image.Image, size: int) -> Image.Image:  # siz
     The rounding follows torchvision's ``Resize(size)`` + ``CenterCrop(size)``, the CLIP evaluation
     transform, so images come out as they would from open_clip's own preprocessing.
     """
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-        raise ValueError(f"image size must be a positive int, got {size!r}")
+    positive_int(size, "image size")
     width, height = image.size
     if width <= 0 or height <= 0:
         raise ValueError(f"cannot resize an empty image of size {width}x{height}")

@@ -19,8 +19,8 @@ shard exists under its final name only when complete. This module reads and writ
 prune stages (:mod:`gsclip_lib.stages.fit`, :mod:`gsclip_lib.stages.prune`) decide what goes in.
 
 :func:`splat_dataset` reads splat shards through the same machinery as image shards
-(:class:`gsclip_lib.data.image_text_shards.ShardDataset`: rank and worker split, shuffling, skip
-counts), and :func:`collate_splats` pads a batch to a common splat count with an invalid mask.
+(:class:`gsclip_lib.data.tar_shards.ShardDataset`: rank and worker split, skip counts), and
+:func:`collate_splats` pads a batch to a common splat count with an invalid mask.
 """
 
 from __future__ import annotations
@@ -44,16 +44,17 @@ from gsclip_lib.data.image_text_shards import (
     CAPTION_EXTENSION,
     EncodedImage,
     METADATA_EXTENSION,
-    ShardSpec,
     ImageTextSample,
     ImageTextShards,
-    RawSample,
-    ShardDataset,
-    SkipCounts,
-    SkipSample,
     decode_caption,
     decode_image,
     decode_metadata,
+)
+from gsclip_lib.data.skip_counts import SkipCounts, SkipSample
+from gsclip_lib.data.tar_shards import (
+    RawSample,
+    ShardDataset,
+    ShardSpec,
     expand_shard_spec,
     iter_tar_samples,
     shards_for_rank,
@@ -99,7 +100,7 @@ class SplatBatch:
     labels: Tensor  # [B] int64, -1 where a sample has no label
     keys: list[str]
     record_bytes: Tensor  # [B] int64, stored bytes per image
-    skips: SkipCounts  # summed over the batch (see gsclip_lib.data.image_text_shards)
+    skips: SkipCounts  # summed over the batch (see gsclip_lib.data.tar_shards)
 
 
 def decode_splat_sample(raw: RawSample) -> SplatSample:
@@ -137,26 +138,11 @@ class SplatShards(ShardDataset):
         return decode_splat_sample(raw)
 
 
-def splat_dataset(
-    spec: ShardSpec,
-    *,
-    rank: int | None = None,
-    world_size: int | None = None,
-    shuffle_shards: bool = False,
-    shuffle_buffer: int = 0,
-    seed: int = 0,
-    split_by_worker: bool = True,
-) -> SplatShards:
-    """An iterable dataset of :class:`SplatSample`; use ``collate_fn=collate_splats`` to batch it."""
-    return SplatShards(
-        spec,
-        rank=rank,
-        world_size=world_size,
-        shuffle_shards=shuffle_shards,
-        shuffle_buffer=shuffle_buffer,
-        seed=seed,
-        split_by_worker=split_by_worker,
-    )
+def splat_dataset(spec: ShardSpec, **selection: Any) -> SplatShards:
+    """An iterable dataset of :class:`SplatSample`; use ``collate_fn=collate_splats`` to batch it.
+
+    ``selection`` is the keywords of :class:`gsclip_lib.data.tar_shards.ShardSelection`."""
+    return SplatShards(spec, **selection)
 
 
 def collate_splats(samples: Sequence[SplatSample], num_slots: int | None = None) -> SplatBatch:

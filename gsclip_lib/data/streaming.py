@@ -47,8 +47,11 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from gsclip_lib.data.image_text_shards import RawSample, SkipCounts, SkipSample, iter_tar_samples
+from gsclip_lib import distributed
+from gsclip_lib.data.skip_counts import SkipCounts, SkipSample
+from gsclip_lib.data.tar_shards import RawSample, iter_tar_samples, shards_for_rank
 from gsclip_lib.errors import InputError
+from gsclip_lib.params import LoaderConfig, OptimConfig
 
 Decode = Callable[[RawSample], Any]  # raw sample -> decoded sample with a ``skips`` attribute; may raise SkipSample
 Collate = Callable[[list[Any]], Any]  # decoded samples -> a batch with a ``skips`` attribute
@@ -123,7 +126,7 @@ class StreamPlan:
         """This rank's shards in pass ``pass_index`` of ``epoch`` (one global shuffle, then a split)."""
         shards = list(self.shards)
         random.Random(f"{self.seed}/{epoch}/{pass_index}").shuffle(shards)
-        return shards[self.rank :: self.world_size]
+        return shards_for_rank(shards, self.rank, self.world_size)
 
 
 class EpochStream(IterableDataset):
@@ -199,8 +202,8 @@ class EpochStream(IterableDataset):
         counts = SkipCounts()
         pass_sizes: list[int] = []  # raw samples per completed pass of this worker
         batches = iter(wds.DataPipeline(
-            lambda: self._raw_samples(worker, workers, counts, pass_sizes),
-            lambda samples: self._decoded(samples, counts, pass_sizes),
+            functools.partial(self._raw_samples, worker, workers, counts, pass_sizes),
+            functools.partial(self._decoded, counts=counts, pass_sizes=pass_sizes),
             wds.batched(plan.batch_size, collation_fn=self.collate, partial=False),
         ))
         # Global batches before ``start`` that belong to this logical worker: i < start, i % W == worker.
@@ -236,6 +239,27 @@ def rank_steps_per_epoch(plan: StreamPlan, data_extensions: Sequence[str], sampl
     return samples // plan.batch_size
 
 
+def stream_plan(shards: Sequence[str], optim: OptimConfig, loader: LoaderConfig, *, rank: int, world_size: int,
+                what: str) -> StreamPlan:
+    """How this rank streams ``shards`` for one training stage (``what`` names them in errors)."""
+    check_enough_shards(shards, world_size, loader.num_workers, what)
+    return StreamPlan(shards=tuple(shards), batch_size=optim.batch_size, seed=optim.seed, rank=rank,
+                      world_size=world_size, num_workers=loader.num_workers, shuffle_buffer=loader.shuffle_buffer)
+
+
+def steps_every_rank_fills(plan: StreamPlan, data_extensions: Sequence[str], samples_per_epoch: int, *, what: str,
+                           batch_setting: str) -> int:
+    """The full batches an epoch has on every rank (the minimum over ranks); an error naming ``what``
+    and the ``batch_setting`` to lower when a rank cannot fill one."""
+    steps = distributed.all_reduce_min(rank_steps_per_epoch(plan, data_extensions, samples_per_epoch))
+    if steps < 1:
+        raise InputError(
+            f"a rank of {plan.world_size} holds fewer samples than one batch of {plan.batch_size} in {what}; "
+            f"lower {batch_setting} or use more data"
+        )
+    return steps
+
+
 class SkipTally:
     """The skip counts the batches of each epoch carried, as the training loop consumes them."""
 
@@ -252,3 +276,17 @@ class SkipTally:
     def first_epoch(self) -> SkipCounts:
         """The counts of the first epoch this process read (empty when it read none)."""
         return self.by_epoch[min(self.by_epoch)] if self.by_epoch else SkipCounts()
+
+
+@dataclass
+class CountedEpochs:
+    """The training loop's ``batches(epoch, first)``: one epoch of ``plan`` from batch ``first`` on,
+    the samples it skipped counted in ``tally``."""
+
+    plan: StreamPlan
+    decode: Decode
+    collate: Collate
+    tally: SkipTally
+
+    def __call__(self, epoch: int, first: int) -> Iterator[Any]:
+        return self.tally.counted(epoch, epoch_batches(self.plan, self.decode, self.collate, epoch, first))

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gsclip_lib.errors import positive_int
 from gsclip_lib.splats.quality import psnr
 
 MIN_QUALITY = 1
@@ -65,35 +66,39 @@ def decode_jpeg(encoded: bytes, like: np.ndarray) -> np.ndarray:  # uint8, shape
     return decoded.reshape(like.shape)
 
 
+class _JpegEncodings:
+    """An image's JPEG files by quality, each encoded once."""
+
+    def __init__(self, image: np.ndarray) -> None:
+        self.image = image
+        self.files: dict[int, bytes] = {}
+
+    def __call__(self, quality: int) -> bytes:
+        if quality not in self.files:
+            self.files[quality] = encode_jpeg(self.image, quality)
+        return self.files[quality]
+
+    def result(self, quality: int, budget_bytes: int) -> JpegResult:
+        encoded = self(quality)
+        fits = len(encoded) <= budget_bytes
+        return JpegResult(decoded=decode_jpeg(encoded, self.image), num_bytes=len(encoded),
+                          quality=quality if fits else None, fits_budget=fits, budget_bytes=budget_bytes)
+
+
 def jpeg_at_budget(
     image: np.ndarray,  # uint8 [H, W], [H, W, 1] or [H, W, 3]
     budget_bytes: int,
     max_quality: int = MAX_QUALITY,
 ) -> JpegResult:
-    """Encode ``image`` at the highest quality in ``1..max_quality`` whose file is <= the budget."""
+    """Encode ``image`` at the highest quality in ``1..max_quality`` whose file is <= the budget
+    (the lowest quality, marked as not fitting, when none does)."""
     _check_image(image)
     if not MIN_QUALITY <= max_quality <= 100:
         raise ValueError(f"max_quality must be in 1..100, got {max_quality}")
-    if budget_bytes <= 0:
-        raise ValueError(f"the byte budget must be positive, got {budget_bytes}")
-
-    sizes: dict[int, bytes] = {}
-
-    def encoded(quality: int) -> bytes:
-        if quality not in sizes:
-            sizes[quality] = encode_jpeg(image, quality)
-        return sizes[quality]
-
+    positive_int(budget_bytes, "the byte budget")
+    encoded = _JpegEncodings(image)
     if len(encoded(MIN_QUALITY)) > budget_bytes:
-        smallest = encoded(MIN_QUALITY)
-        return JpegResult(
-            decoded=decode_jpeg(smallest, image),
-            num_bytes=len(smallest),
-            quality=None,
-            fits_budget=False,
-            budget_bytes=budget_bytes,
-        )
-
+        return encoded.result(MIN_QUALITY, budget_bytes)
     # Binary search for the largest quality that fits, with low always fitting.
     low, high = MIN_QUALITY, max_quality
     while low < high:
@@ -106,15 +111,7 @@ def jpeg_at_budget(
         if len(encoded(quality)) <= budget_bytes:
             low = quality
             break
-
-    best = encoded(low)
-    return JpegResult(
-        decoded=decode_jpeg(best, image),
-        num_bytes=len(best),
-        quality=low,
-        fits_budget=True,
-        budget_bytes=budget_bytes,
-    )
+    return encoded.result(low, budget_bytes)
 
 
 def jpeg_psnr_at_budget(

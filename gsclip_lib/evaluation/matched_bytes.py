@@ -44,6 +44,7 @@ from gsclip_lib.params import level_name
 from gsclip_lib.splats.codec import payload_bytes, record_bytes
 from gsclip_lib.evaluation.jpeg_baseline import MAX_QUALITY, jpeg_at_budget
 from gsclip_lib.evaluation.zero_shot import EvalBatch, evaluate_zero_shot, unpack_batch
+from gsclip_lib.errors import positive_int
 
 METHODS = ("jpeg", "thumbnail")
 ACCOUNTINGS = ("payload", "record")  # the paper's N * (5 + C) * 2, or the whole stored record
@@ -88,8 +89,7 @@ def thumbnail_size(height: int, width: int, channels: int, budget_bytes: int) ->
     caller reports that as not fitting).
     """
     for name, value in (("height", height), ("width", width), ("channels", channels), ("budget", budget_bytes)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        positive_int(value, name)
     if height * width * channels <= budget_bytes:
         return height, width
     best = (1, 1)
@@ -158,9 +158,7 @@ def matched_bytes_images(
         )
     if images.shape[3] not in (1, 3):
         raise ValueError(f"images must have 1 or 3 channels (last axis), got shape {images.shape}")
-    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, np.integer)) or budget_bytes <= 0:
-        raise ValueError(f"budget_bytes must be a positive int, got {budget_bytes!r}")
-    budget_bytes = int(budget_bytes)
+    budget_bytes = positive_int(budget_bytes, "budget_bytes")
     decoded = np.empty_like(images)
     actual = np.zeros(images.shape[0], dtype=np.int64)
     fits = np.zeros(images.shape[0], dtype=bool)

@@ -37,10 +37,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Real
 from statistics import NormalDist
 
 import numpy as np
+
+from gsclip_lib.errors import positive_int
 
 ALPHA = 0.05  # 95 % intervals, tests at the 5 % level
 
@@ -294,8 +296,7 @@ def paired_bootstrap_ratio(
     with ``mean(b) == 0`` have no ratio: they are dropped and counted in ``dropped``; ValueError if
     more than half are, or if ``mean(b) == 0`` on the data themselves.
     """
-    if isinstance(resamples, bool) or not isinstance(resamples, Integral) or resamples < 1:
-        raise ValueError(f"resamples must be a positive integer, got {resamples!r}")
+    positive_int(resamples, "resamples")
     _z_value(confidence)
     a, b = _as_pair(correct_a, correct_b)
     if not b.any():

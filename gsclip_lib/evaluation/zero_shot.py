@@ -29,8 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from gsclip_lib.data.image_text_shards import ImageTextShards, ShardSpec, collate_image_text
+from gsclip_lib import distributed
+from gsclip_lib.data.image_text_shards import ImageTextShards, collate_image_text
 from gsclip_lib.data.splat_shards import collate_splats, splat_dataset
+from gsclip_lib.data.tar_shards import ShardSpec
+from gsclip_lib.errors import positive_int
 
 TOP_K = 5
 
@@ -65,7 +68,7 @@ def build_classifier(
     if not templates:
         raise ValueError("need at least one prompt template")
     if device is None:
-        device = _model_device(model)
+        device = distributed.model_device(model)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
@@ -104,73 +107,88 @@ def evaluate_zero_shot(
     """
     if classifier.ndim != 2:
         raise ValueError(f"classifier must be [D, K], got shape {tuple(classifier.shape)}")
-    num_classes = classifier.shape[1]
-    k = min(TOP_K, num_classes)
-    correct1 = torch.zeros(num_classes, dtype=torch.int64)
-    correct_k = torch.zeros(num_classes, dtype=torch.int64)
-    seen = torch.zeros(num_classes, dtype=torch.int64)
-    loss_sum, skipped = 0.0, 0
-    per_image_correct: list[int] = []
-    per_image_keys: list[str] | None = []
+    tally = _ZeroShotTally(classifier.shape[1])
     with torch.no_grad():
         for batch in batches:
-            inputs, labels, batch_skipped = unpack_batch(batch)
-            batch_keys = getattr(batch, "keys", None)
-            if batch_keys is None or per_image_keys is None:
-                per_image_keys = None
-            else:
-                per_image_keys.extend(batch_keys)
-            skipped += batch_skipped
-            labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1).cpu()
+            inputs, labels, skipped = unpack_batch(batch)
+            tally.skipped += skipped
+            tally.add_keys(getattr(batch, "keys", None))
+            labels = _checked_labels(labels, tally.num_classes)
             if labels.numel() == 0:
                 continue
-            if bool((labels < 0).any()) or bool((labels >= num_classes).any()):
-                bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
-                raise ValueError(
-                    f"label {bad} is outside [0, {num_classes}): every evaluation image needs a class "
-                    "label (-1 means the sample had none)"
-                )
             if device is not None:
                 inputs = inputs.to(device)
-            embeddings = encode_images(inputs)  # [B, D]
-            if embeddings.ndim != 2 or embeddings.shape[0] != labels.numel():
-                raise ValueError(
-                    f"encode_images returned shape {tuple(embeddings.shape)} for {labels.numel()} "
-                    "labels; expected [B, D]"
-                )
-            if embeddings.shape[1] != classifier.shape[0]:
-                raise ValueError(
-                    f"embedding width {embeddings.shape[1]} does not match the classifier's "
-                    f"{classifier.shape[0]}"
-                )
+            embeddings = _checked_embeddings(encode_images(inputs), labels.numel(), classifier.shape[0])
             embeddings = F.normalize(embeddings.float(), dim=-1)
             logits = logit_scale * embeddings @ classifier.to(embeddings.device, torch.float32)
-            logits = logits.cpu()  # [B, K]
-            ranked = logits.topk(k, dim=-1).indices  # [B, k]
-            hit_k = (ranked == labels[:, None]).any(dim=-1)
-            hit_1 = ranked[:, 0] == labels
-            per_image_correct.extend(int(hit) for hit in hit_1)
-            seen += torch.bincount(labels, minlength=num_classes)
-            correct1 += torch.bincount(labels[hit_1], minlength=num_classes)
-            correct_k += torch.bincount(labels[hit_k], minlength=num_classes)
-            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-    images = int(seen.sum())
-    if images == 0:
-        raise ValueError(f"no image was scored ({skipped} skipped): nothing to report")
-    return {
-        "top1": int(correct1.sum()) / images,
-        "top5": int(correct_k.sum()) / images,
-        "top5_k": k,
-        "images": images,
-        "skipped": skipped,
-        "cross_entropy": loss_sum / images,
-        "per_class_top1": [
-            (int(c) / int(n)) if int(n) > 0 else None for c, n in zip(correct1, seen)
-        ],
-        "per_class_images": [int(n) for n in seen],
-        "correct_top1": per_image_correct,  # [images] 0/1 in the order the batches came
-        "keys": per_image_keys,  # [images] sample keys, or None when a batch carried none
-    }
+            tally.add(logits.cpu(), labels)
+    return tally.result()
+
+
+class _ZeroShotTally:
+    """Per-class hits of an evaluation so far, and every image's top-1 hit in order."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.k = min(TOP_K, num_classes)
+        self.correct1 = torch.zeros(num_classes, dtype=torch.int64)
+        self.correct_k = torch.zeros(num_classes, dtype=torch.int64)
+        self.seen = torch.zeros(num_classes, dtype=torch.int64)
+        self.loss_sum, self.skipped = 0.0, 0
+        self.per_image_correct: list[int] = []
+        self.per_image_keys: list[str] | None = []  # None once a batch came without keys
+
+    def add_keys(self, keys: Sequence[str] | None) -> None:
+        if keys is None or self.per_image_keys is None:
+            self.per_image_keys = None
+        else:
+            self.per_image_keys.extend(keys)
+
+    def add(self, logits: Tensor, labels: Tensor) -> None:  # logits [B, K] on the CPU, labels [B]
+        ranked = logits.topk(self.k, dim=-1).indices  # [B, k]
+        hit_k = (ranked == labels[:, None]).any(dim=-1)
+        hit_1 = ranked[:, 0] == labels
+        self.per_image_correct.extend(int(hit) for hit in hit_1)
+        self.seen += torch.bincount(labels, minlength=self.num_classes)
+        self.correct1 += torch.bincount(labels[hit_1], minlength=self.num_classes)
+        self.correct_k += torch.bincount(labels[hit_k], minlength=self.num_classes)
+        self.loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+
+    def result(self) -> dict[str, Any]:
+        images = int(self.seen.sum())
+        if images == 0:
+            raise ValueError(f"no image was scored ({self.skipped} skipped): nothing to report")
+        return {
+            "top1": int(self.correct1.sum()) / images,
+            "top5": int(self.correct_k.sum()) / images,
+            "top5_k": self.k,
+            "images": images,
+            "skipped": self.skipped,
+            "cross_entropy": self.loss_sum / images,
+            "per_class_top1": [(int(c) / int(n)) if int(n) > 0 else None for c, n in zip(self.correct1, self.seen)],
+            "per_class_images": [int(n) for n in self.seen],
+            "correct_top1": self.per_image_correct,  # [images] 0/1 in the order the batches came
+            "keys": self.per_image_keys,  # [images] sample keys, or None when a batch carried none
+        }
+
+
+def _checked_labels(labels: Any, num_classes: int) -> Tensor:  # [B] int64 on the CPU
+    labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1).cpu()
+    if bool((labels < 0).any()) or bool((labels >= num_classes).any()):
+        bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
+        raise ValueError(
+            f"label {bad} is outside [0, {num_classes}): every evaluation image needs a class "
+            "label (-1 means the sample had none)"
+        )
+    return labels
+
+
+def _checked_embeddings(embeddings: Tensor, count: int, width: int) -> Tensor:  # [B, D]
+    if embeddings.ndim != 2 or embeddings.shape[0] != count:
+        raise ValueError(f"encode_images returned shape {tuple(embeddings.shape)} for {count} labels; expected [B, D]")
+    if embeddings.shape[1] != width:
+        raise ValueError(f"embedding width {embeddings.shape[1]} does not match the classifier's {width}")
+    return embeddings
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,7 +218,7 @@ def image_shard_batches(
         world_size=1,
     )
     loader = DataLoader(
-        dataset, batch_size=_check_batch_size(batch_size), collate_fn=collate_image_text, num_workers=num_workers
+        dataset, batch_size=positive_int(batch_size, "batch_size"), collate_fn=collate_image_text, num_workers=num_workers
     )
     for batch in loader:
         yield EvalBatch(batch.images, batch.labels, batch.skips.skipped, batch.keys)
@@ -220,7 +238,7 @@ def splat_shard_batches(
     dataset = splat_dataset(spec, rank=0, world_size=1)
     loader = DataLoader(
         dataset,
-        batch_size=_check_batch_size(batch_size),
+        batch_size=positive_int(batch_size, "batch_size"),
         collate_fn=partial(collate_splats, num_slots=num_slots),
         num_workers=num_workers,
     )
@@ -237,18 +255,3 @@ def unpack_batch(batch: EvalBatch | Sequence[Any]) -> tuple[Any, Tensor, int]:
         inputs, labels, skipped = batch[:3]
         return inputs, labels, int(skipped)
     raise ValueError(f"a batch must be (inputs, labels) or (inputs, labels, skipped[, keys]), got {len(batch)} items")
-
-
-def _model_device(model: Any) -> torch.device:
-    parameters = getattr(model, "parameters", None)
-    if parameters is not None:
-        for parameter in parameters():
-            return parameter.device
-    return torch.device("cpu")
-
-
-def _check_batch_size(batch_size: int) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    return batch_size
-

@@ -37,7 +37,7 @@ import logging
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -137,9 +137,9 @@ def create_rgb_clip(
         )
 
     if config.checkpoint:
-        load_into = _read_checkpoint(config.checkpoint, name)
+        checkpoint = _read_checkpoint(config.checkpoint, name)
         model = _random_model(name)
-        stored = load_into(model)
+        stored = checkpoint.load_into(model)
         mean, std = stored.get("image_mean", mean), stored.get("image_std", std)
     elif config.pretrained:
         weights = cached_pretrained_file(name, config.pretrained, cache_dir)
@@ -183,14 +183,35 @@ def save_rgb_clip(clip: RgbClip, path: str | Path) -> Path:
     return path
 
 
-def _read_checkpoint(path: str | Path, name: str) -> Callable[[torch.nn.Module], dict[str, Any]]:
-    """Read and check the checkpoint at ``path`` before any model is built (a wrong file fails fast);
-    return the function that loads it into a model of ``name``."""
+@dataclass(frozen=True)
+class _CheckedCheckpoint:
+    """A model checkpoint read and checked before any model is built (a wrong file fails fast).
+
+    ``state_dict`` is the weights of a checkpoint this project wrote (``None``: open_clip's own
+    loader reads the file); ``preprocessing`` is the image mean and std stored beside them, if any.
+    """
+
+    path: Path
+    name: str
+    state_dict: dict[str, Tensor] | None = None
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+
+    def load_into(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Load the weights into ``model`` (of ``name``); return the stored preprocessing."""
+        if self.state_dict is None:
+            _load_open_clip_checkpoint(model, self.path, self.name)
+        else:
+            _load_strict(model, self.state_dict, self.path, self.name)
+        return self.preprocessing
+
+
+def _read_checkpoint(path: str | Path, name: str) -> _CheckedCheckpoint:
+    """Read and check the checkpoint at ``path`` for a model of ``name``, before any model is built."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model checkpoint not found: {path}")
     if path.suffix in (".safetensors", ".npz", ".npy"):
-        return lambda model: _load_open_clip_checkpoint(model, path, name) or {}
+        return _CheckedCheckpoint(path, name)
     try:
         contents = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - pickle, zip and weights_only errors alike
@@ -202,11 +223,11 @@ def _read_checkpoint(path: str | Path, name: str) -> Callable[[torch.nn.Module],
                 f"set the model name to {contents.get('name')!r}"
             )
         preprocessing = {"image_mean": contents["image_mean"], "image_std": contents["image_std"]}
-        return lambda model: _load_strict(model, contents["state_dict"], path, name) or preprocessing
+        return _CheckedCheckpoint(path, name, contents["state_dict"], preprocessing)
     if isinstance(contents, dict) and contents.get("format") == "gsclip-train-checkpoint":
-        return lambda model: _load_strict(model, contents["model"], path, name) or {}
+        return _CheckedCheckpoint(path, name, contents["model"])
     # open_clip's own formats (and plain state dicts), through its loader and its conversions.
-    return lambda model: _load_open_clip_checkpoint(model, path, name) or {}
+    return _CheckedCheckpoint(path, name)
 
 
 def cached_pretrained_file(name: str, tag: str, cache_dir: str | None = None) -> str:

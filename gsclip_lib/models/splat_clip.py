@@ -4,14 +4,15 @@
 ``encode_text`` takes tokens), so the zero-shot evaluator scores it like the RGB model.
 :class:`TextTower` is the RGB CLIP's text tower, frozen and shared; with ``train_last_block`` its last
 block, final norm and projection become trainable *copies*, so the RGB model is never changed.
-:func:`load_splat_clip` rebuilds a trained splat CLIP from the file the align stage saves.
+:func:`load_splat_clip` rebuilds a trained splat CLIP from the file the align stage saves, and
+:func:`parameter_shares` counts what of it is trained, frozen and reused from the RGB model.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +20,9 @@ from open_clip.transformer import text_global_pool
 from torch import Tensor, nn
 
 from gsclip_lib.models.rgb_clip import MAX_LOGIT_SCALE
-from gsclip_lib.models.splat_encoder import SplatImageEncoder, load_splat_encoder
+from gsclip_lib.models.splat_encoder import SplatImageEncoder, load_splat_encoder, visual_of
 from gsclip_lib.splats.container import Splats
+
 
 class TextTower(nn.Module):
     """The RGB CLIP's text tower, frozen and shared; with ``train_last_block`` its last block,
@@ -123,3 +125,91 @@ def load_splat_clip(path: str | os.PathLike, rgb: Any) -> SplatClip:
             raise ValueError(f"{path}: text state does not fit this RGB model: unexpected {unexpected}")
     device = encoder.class_embedding.device
     return SplatClip(encoder, text.to(device), payload.get("logit_scale", MAX_LOGIT_SCALE)).to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter accounting
+
+
+def _count(parameters: Iterable[nn.Parameter]) -> int:
+    seen: dict[int, int] = {}
+    for parameter in parameters:
+        seen[id(parameter)] = parameter.numel()
+    return sum(seen.values())
+
+
+def text_tower_parameters(rgb_model: Any) -> list[nn.Parameter]:
+    """The parameters of the RGB CLIP's text tower (everything but ``visual`` and the logit scale)."""
+    model = getattr(rgb_model, "model", rgb_model)
+    return [
+        p for name, p in model.named_parameters() if not name.startswith("visual.") and not name.startswith("logit_")
+    ]
+
+
+def text_last_block_parameters(rgb_model: Any) -> list[nn.Parameter]:
+    """What ``unfreeze_text_last_block`` trains: the last text block, the final norm and projection."""
+    model = getattr(rgb_model, "model", rgb_model)
+    parts: list[nn.Parameter] = list(model.transformer.resblocks[-1].parameters())
+    parts += list(model.ln_final.parameters())
+    projection = model.text_projection
+    if isinstance(projection, nn.Parameter):
+        parts.append(projection)
+    elif isinstance(projection, nn.Module):
+        parts += list(projection.parameters())
+    return parts
+
+
+def parameter_shares(
+    splat_encoder: SplatImageEncoder,
+    rgb_model: Any,
+    text_trainable: bool = False,
+    *,
+    verbose: bool = True,
+) -> dict[str, float | int]:
+    """Trainable and reused parameters of the splat CLIP (splat image tower + text tower).
+
+    - the image tower's trainable parameters are the ones with ``requires_grad`` (everything but
+      the shared, frozen RGB blocks);
+    - the text tower is frozen, or, with ``text_trainable``, its last block, final norm and
+      projection are trained (the paper's 13.8 % setting);
+    - ``reused_from_rgb`` counts the RGB ViT's transformer blocks the splat tower runs (shared or
+      copied); the text tower, which is the RGB CLIP's own, is reported on its own line;
+    - the learned temperature (one number) is left out.
+
+    Shares are fractions of ``total_parameters``. Printed when ``verbose``.
+    """
+    image_params = list(splat_encoder.parameters())
+    image_total = _count(image_params)
+    image_trainable = _count(p for p in image_params if p.requires_grad)
+    text_params = text_tower_parameters(rgb_model)
+    text_total = _count(text_params)
+    text_train = _count(text_last_block_parameters(rgb_model)) if text_trainable else 0
+    reused = _count(visual_of(rgb_model).transformer.parameters())
+    total = image_total + text_total
+    trainable = image_trainable + text_train
+    shares: dict[str, float | int] = {
+        "image_tower_parameters": image_total,
+        "image_tower_trainable": image_trainable,
+        "text_tower_parameters": text_total,
+        "text_tower_trainable": text_train,
+        "total_parameters": total,
+        "trainable_parameters": trainable,
+        "frozen_parameters": total - trainable,
+        "reused_from_rgb": reused,
+        "trainable_share": trainable / total,
+        "frozen_share": (total - trainable) / total,
+        "reused_share": reused / total,
+        "image_tower_trainable_share": image_trainable / image_total,
+    }
+    if verbose:
+        print(format_parameter_shares(shares))
+    return shares
+
+
+def format_parameter_shares(shares: dict[str, float | int]) -> str:
+    return (
+        f"splat CLIP: {shares['total_parameters']:,} parameters "
+        f"(image tower {shares['image_tower_parameters']:,}, text tower {shares['text_tower_parameters']:,}); "
+        f"trainable {shares['trainable_parameters']:,} = {100 * shares['trainable_share']:.2f} %, "
+        f"reused RGB blocks {shares['reused_from_rgb']:,} = {100 * shares['reused_share']:.2f} %"
+    )

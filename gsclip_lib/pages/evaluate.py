@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from gsclip_lib.params import Params
 from gsclip_lib.pages.frame import PageContent, read_csv, read_json
-from gsclip_lib.reporting import comparisons, figures, paper
+from gsclip_lib.reporting import comparisons, paper, zero_shot_figures
 from gsclip_lib.reporting.tables import Column, markdown_table
 
 TOKEN_COLUMNS = (
@@ -52,12 +52,12 @@ def build(params: Params) -> PageContent:
     content.tables["tokens"] = token_table(read_json(params.stage_dir("evaluate") / "metrics.json"))
     for split, (scores, hits) in annotated_sets(params).items():
         content.tables[f"results_{split}"] = comparisons.results_markdown(comparisons.results_frame(split, scores))
-        content.figures[f"zero_shot_vs_ratio_{split}"] = figures.plot_zero_shot_against_ratio(
+        content.figures[f"zero_shot_vs_ratio_{split}"] = zero_shot_figures.plot_zero_shot_against_ratio(
             scores, title=f"Zero-shot top-1 against compression ({split}, 95 % intervals)")
-        content.figures[f"relative_accuracy_{split}"] = figures.plot_relative_accuracy(
+        content.figures[f"relative_accuracy_{split}"] = zero_shot_figures.plot_relative_accuracy(
             scores, paper.RELATIVE_ZERO_SHOT, title=f"(c) Top-1 relative to RGB pixels ({split})")
         rows = [item.as_plot_row() for item in comparisons.level_comparisons(scores, hits) if item.test]
-        content.figures[f"tower_differences_{split}"] = figures.plot_tower_differences(
+        content.figures[f"tower_differences_{split}"] = zero_shot_figures.plot_tower_differences(
             rows, title=f"(d) The tower minus each other representation, same images ({split})")
         content.texts[f"levels_{split}"] = "\n".join(
             f"- {line}" for line in comparisons.level_sentences(split, scores, hits))

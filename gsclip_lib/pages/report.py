@@ -17,7 +17,7 @@ from gsclip_lib.errors import InputError
 from gsclip_lib.pages.evaluate import annotated_sets
 from gsclip_lib.pages.frame import PageContent, read_csv
 from gsclip_lib.params import Params
-from gsclip_lib.reporting import comparisons, figures
+from gsclip_lib.reporting import comparisons, figures, zero_shot_figures
 from gsclip_lib.reporting.summary import collect_reports, fitting_throughput, stage_seconds, training_histories
 
 BEGIN = "<!-- results: written by the report page (notebooks/07_report.ipynb) from the run's metrics; do not edit -->"
@@ -67,7 +67,7 @@ def write_results(params: Params, block: str, readme: str | Path = "README.md") 
 def relative_figure(sets: dict[str, tuple[dict, pd.DataFrame]]):
     """The paper's main result, redrawn: relative top-1 against compression, ours beside the paper's."""
     rows = [row for split, (scores, _) in sets.items() for row in comparisons.relative_rows(split, scores)]
-    return figures.plot_relative_against_paper(
+    return zero_shot_figures.plot_relative_against_paper(
         rows, title="Top-1 relative to RGB pixels against compression: ours (95 % intervals) and the paper's")
 
 
@@ -80,7 +80,7 @@ def build(params: Params) -> PageContent:
     content.figures["relative_vs_paper"] = relative_figure(sets)
     for split, (scores, hits) in sets.items():
         content.tables[f"results_{split}"] = comparisons.results_markdown(comparisons.results_frame(split, scores))
-        content.figures[f"zero_shot_vs_ratio_{split}"] = figures.plot_zero_shot_against_ratio(
+        content.figures[f"zero_shot_vs_ratio_{split}"] = zero_shot_figures.plot_zero_shot_against_ratio(
             scores, title=f"Zero-shot top-1 against compression ({split}, 95 % intervals)")
         content.findings += comparisons.conclusions(split, scores, hits)
     photos = read_csv(params.stage_dir("fit_photos") / "table.csv")

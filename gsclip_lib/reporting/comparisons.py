@@ -47,7 +47,7 @@ class LevelComparison:
     note: str = ""  # why there is no test
 
     def as_plot_row(self) -> dict[str, Any]:
-        """The row :func:`gsclip_lib.reporting.figures.plot_tower_differences` draws (points)."""
+        """The row :func:`gsclip_lib.reporting.zero_shot_figures.plot_tower_differences` draws (points)."""
         difference = self.test.difference.as_percent()
         return {"level": self.level, "ratio": self.ratio, "against": self.against,
                 "difference": difference.estimate, "low": difference.low, "high": difference.high,

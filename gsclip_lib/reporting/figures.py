@@ -1,9 +1,12 @@
-"""Figures of the pipeline (matplotlib): the stages make them, the notebooks show them.
+"""Figures of the pages (matplotlib): the fitting, data, training and run-time figures, and the
+helpers and conventions every figure of the project shares.
 
 Every function returns a matplotlib ``Figure`` made without pyplot (:func:`new_figure`), so no
-backend is involved and a notebook does not draw it by itself at the end of a cell:
-:class:`gsclip_lib.stages.runner.StageRun` saves it as a PNG and shows that, once, where the
-notebook asks for it.
+backend is involved and a notebook does not draw it by itself at the end of a cell: the page's
+:class:`gsclip_lib.pages.frame.Page` saves it as a PNG and shows that, once, where the notebook
+asks for it. The zero-shot figures are in :mod:`gsclip_lib.reporting.zero_shot_figures`, the
+figures that render splats in :mod:`gsclip_lib.reporting.splat_figures`; both draw with the
+helpers here.
 
 Conventions every figure keeps, so that a reader of the executed pages can trust them:
 
@@ -37,9 +40,6 @@ if TYPE_CHECKING:  # the plain plots run without torch (pages that draw no splat
 
 Z95 = 1.96  # two-sided 95 % normal quantile
 LEGEND_FONT = 8
-BASELINES = {"jpeg": ("JPEG", "s", "C2"), "thumbnail": ("thumbnail", "^", "C3")}  # method -> name, marker, colour
-AGAINST = {"rendered back": ("o", "C1"), "thumbnail": ("^", "C3"), "JPEG": ("s", "C2"), "RGB pixels": ("D", "C7")}
-PAPER_LABEL = "paper (v2, mean of 38 sets)"
 
 
 # Helpers shared by the figures.
@@ -64,11 +64,6 @@ def plain_number(value: float) -> str:
     if abs(value) >= 10:
         return f"{value:,.0f}"
     return f"{value:.2g}"
-
-
-def ratio_label(ratio: float) -> str:
-    """A compression ratio as ``3x``, ``5.9x``, ``24x``."""
-    return f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.2g}x"
 
 
 def plain_log_ticks(
@@ -159,14 +154,6 @@ def legend_below(figure: Figure, handles: Sequence | None = None, axis: Axes | N
     figure.legend(handles=handles, loc="outside lower center", ncols=columns, fontsize=LEGEND_FONT, frameon=False)
 
 
-def accuracy_errorbar(axis: Axes, ratios: Sequence[float], rows: Sequence[dict], **style) -> ErrorbarContainer:
-    """Top-1 (%) of ``rows`` (each with ``top1``, ``top1_low``, ``top1_high``, fractions) at ``ratios``."""
-    top1 = [100 * row["top1"] for row in rows]
-    low = [100 * row.get("top1_low", math.nan) for row in rows]
-    high = [100 * row.get("top1_high", math.nan) for row in rows]
-    return axis.errorbar(ratios, top1, yerr=spans(top1, low, high), capsize=3, markersize=6, **style)
-
-
 def nudge(count: int, index: int, step: float = 0.045) -> float:
     """Factor that spreads ``count`` series sideways on a log axis (the ``index``-th of them)."""
     return math.exp(step * (index - (count - 1) / 2))
@@ -246,6 +233,24 @@ def plot_psnr_history(history: pd.DataFrame, hue: str = "splats") -> Figure:
     return figure
 
 
+def draw_pruned_minus_direct(axis: Axes, table: pd.DataFrame, by: str, groups: Sequence, columns: tuple[str, str], *,
+                             label: str) -> list[int]:
+    """Finding (b), one row per value of ``by`` in ``groups``, the first at position 0: the mean of
+    ``columns[0]`` minus ``columns[1]`` over the table's rows of that value, with its 95 % interval
+    (:func:`mean_interval`), as an orange square (:func:`draw_difference`). Each row is labelled
+    ``label`` formatted with ``group`` and ``n``; returns the number of rows behind each mean."""
+    labels, sizes = [], []
+    pruned, direct = columns
+    for position, group in enumerate(groups):
+        rows = table[table[by] == group]
+        mean, low, high, n = mean_interval(rows[pruned] - rows[direct])
+        draw_difference(axis, position, mean, low, high, colour="C1", marker="s", gid=str(group))
+        labels.append(label.format(group=group, n=n))
+        sizes.append(n)
+    axis.set_yticks(range(len(labels)), labels=labels)
+    return sizes
+
+
 def plot_photo_findings(table: pd.DataFrame) -> Figure:
     """Two of the paper's fitting findings on the photos, each as a difference per photo (mean, 95 %
     interval) around zero: (a) grid minus random init at the largest count, beside the paper's; (b)
@@ -273,14 +278,8 @@ def plot_photo_findings(table: pd.DataFrame) -> Figure:
         axis.set_title(textwrap.fill(f"(a) grid vs random initialisation, {largest} splats", 50), fontsize=11)
     if pruned_counts:
         axis = axes.pop(0)
-        labels = []
-        for position, count in enumerate(pruned_counts):
-            rows = table[table["splats"] == count]
-            mean, low, high, n = mean_interval(rows["psnr_pruned_from_larger"] - rows["psnr"])
-            draw_difference(axis, position, mean, low, high, colour="C1", marker="s", gid=str(count))
-            labels.append(f"{count} splats (n={n})")
-            sizes.append(n)
-        axis.set_yticks(range(len(labels)), labels=labels)
+        sizes += draw_pruned_minus_direct(axis, table, "splats", pruned_counts, ("psnr_pruned_from_larger", "psnr"),
+                                          label="{group} splats (n={n})")
         axis.set_xlabel("pruned minus fitted directly (dB)")
         axis.set_title(textwrap.fill("(b) pruned from the next larger fit vs fitted directly, equal steps", 50),
                        fontsize=11)
@@ -301,15 +300,9 @@ def plot_paired_psnr(table: pd.DataFrame, title: str = "") -> Figure:
     Reads the columns ``level`` (``"N11"``), ``pruned_psnr`` and ``direct_psnr`` (one row per image)."""
     levels = sorted(table["level"].unique(), key=splat_count, reverse=True)
     figure, axis = new_figure(figsize=(7, 1.9 + 0.45 * max(2, len(levels))))
-    labels, sizes = [], []
-    for position, level in enumerate(levels):
-        rows = table[table["level"] == level]
-        mean, low, high, n = mean_interval(rows["pruned_psnr"] - rows["direct_psnr"])
-        draw_difference(axis, position, mean, low, high, colour="C1", marker="s", gid=str(level))
-        labels.append(f"{level} (n={n:,})")
-        sizes.append(n)
+    sizes = draw_pruned_minus_direct(axis, table, "level", levels, ("pruned_psnr", "direct_psnr"),
+                                     label="{group} (n={n:,})")
     axis.axvline(0, color="black", linewidth=0.8)
-    axis.set_yticks(range(len(labels)), labels=labels)
     axis.set_ylim(len(levels) - 0.5, -0.5)
     axis.set_xlabel("pruned minus fitted directly, same steps (dB)")
     axis.set_title(title or "Pruned from the level above minus fitted directly, per image")
@@ -367,155 +360,6 @@ def plot_captioned_samples(samples: list, columns: int = 8) -> Figure:
     for axis, sample, caption in zip(axes.flat, samples, wrapped):
         axis.imshow(to_display(sample.image), cmap="gray")
         axis.set_title(caption, fontsize=6.5)
-    return figure
-
-
-# Zero-shot accuracy.
-
-
-def plot_zero_shot_against_ratio(scores: dict, title: str = "Zero-shot accuracy against compression") -> Figure:
-    """The paper's main result, redrawn: zero-shot top-1 (%) against compression ratio, 95 % intervals.
-
-    ``scores`` is one evaluation set's scores. Reads ``rgb``: ``top1``, ``top1_low``, ``top1_high``,
-    ``source_bytes`` (and ``classes`` or ``rgb.per_class_top1`` for the chance line); each of
-    ``levels``: ``splats``, ``ratio_payload``, the three top-1 keys and ``render_back`` (the same);
-    each of ``baselines``: ``method``, ``mean_bytes``, ``over_budget_images`` and the top-1 keys.
-    RGB pixels are a dashed line in a shaded band; points of one level are nudged sideways a little."""
-    figure, axis = new_figure(figsize=(7.5, 5.2))
-    rgb = scores["rgb"]
-    axis.axhspan(100 * rgb.get("top1_low", rgb["top1"]), 100 * rgb.get("top1_high", rgb["top1"]),
-                 color="black", alpha=0.12, linewidth=0)
-    axis.axhline(100 * rgb["top1"], color="black", linestyle="--", linewidth=1,
-                 label=f"RGB pixels ({100 * rgb['top1']:.1f} %, band: 95 % interval)")
-    levels = sorted(scores["levels"].values(), key=lambda row: row["ratio_payload"])
-    ratios = np.array([row["ratio_payload"] for row in levels])
-    accuracy_errorbar(axis, ratios * nudge(4, 0), levels, marker="o", color="C0", label="splat tower")
-    backs = [(ratio, row["render_back"]) for ratio, row in zip(ratios, levels) if row.get("render_back")]
-    if backs:
-        accuracy_errorbar(axis, [ratio * nudge(4, 1) for ratio, _ in backs], [row for _, row in backs],
-                          marker="x", linestyle=":", color="C1", label="RGB model on the splats rendered back")
-    baselines = scores.get("baselines", [])
-    methods = list(dict.fromkeys(row["method"] for row in baselines))
-    for index, method in enumerate(methods):
-        name, marker, colour = BASELINES.get(method, (method, "D", f"C{4 + index}"))
-        for over in (False, True):
-            rows = [row for row in baselines if row["method"] == method and (row.get("over_budget_images", 0) > 0) == over]
-            if rows:
-                accuracy_errorbar(axis, [rgb["source_bytes"] / row["mean_bytes"] * nudge(4, 2 + index) for row in rows],
-                                  rows, marker=marker, linestyle="none", color=colour,
-                                  markerfacecolor="white" if over else colour,
-                                  label=f"RGB model on {name}, " + ("over budget" if over else "same bytes"))
-    classes = scores.get("classes") or len(rgb.get("per_class_top1", []))
-    if classes:
-        axis.axhline(100 / classes, color="grey", linestyle=":", label=f"chance ({100 / classes:.0f} %)")
-    splats_at = {float(row["ratio_payload"]): row["splats"] for row in levels}
-    other = [rgb["source_bytes"] / row["mean_bytes"] for row in baselines]
-    plain_log_ticks(axis, [*splats_at, *other], label=lambda ratio: ratio_label(ratio) + (
-        f"\nN={splats_at[ratio]}" if ratio in splats_at else ""))
-    axis.set_xlabel("compression ratio (source bytes / stored bytes)")
-    axis.set_ylabel("zero-shot top-1 (%)")
-    axis.set_title(title)
-    legend_below(figure, axis=axis)
-    return figure
-
-
-def relative_errorbar(axis: Axes, ratios: Sequence[float], rows: Sequence[dict], **style) -> ErrorbarContainer:
-    """``relative`` of ``rows`` with its ``relative_low`` / ``relative_high`` interval at ``ratios``."""
-    value = [row["relative"] for row in rows]
-    low = [row.get("relative_low", math.nan) for row in rows]
-    high = [row.get("relative_high", math.nan) for row in rows]
-    return axis.errorbar(ratios, value, yerr=spans(value, low, high), capsize=3, markersize=6, **style)
-
-
-def plot_relative_accuracy(scores: dict, paper_levels: dict[float, float], title: str = "") -> Figure:
-    """Finding (c): zero-shot top-1 relative to RGB pixels against compression ratio, ours (tower and
-    render-back, paired bootstrap 95 % intervals) beside the paper's (``paper_levels``: ratio ->
-    relative accuracy). Reads each of ``scores["levels"]``: ``ratio_payload``, ``relative``,
-    ``relative_low``, ``relative_high``, and ``render_back`` with the same three keys."""
-    figure, axis = new_figure(figsize=(7.5, 4.8))
-    levels = sorted(scores["levels"].values(), key=lambda row: row["ratio_payload"])
-    ratios = [row["ratio_payload"] for row in levels]
-    axis.axhline(1.0, color="grey", linestyle="--", linewidth=0.8, label="RGB pixels (1.0)")
-    relative_errorbar(axis, [ratio * nudge(2, 0) for ratio in ratios], levels, marker="o", color="C0",
-                      label="ours: splat tower")
-    backs = [(ratio, row["render_back"]) for ratio, row in zip(ratios, levels)
-             if row.get("render_back") and "relative" in row["render_back"]]
-    if backs:
-        relative_errorbar(axis, [ratio * nudge(2, 1) for ratio, _ in backs], [row for _, row in backs],
-                          marker="x", linestyle=":", color="C1", label="ours: RGB model on the splats rendered back")
-    paper_ratios = sorted(paper_levels)
-    axis.plot(paper_ratios, [paper_levels[ratio] for ratio in paper_ratios], marker="s", linestyle="none",
-              color="black", label="paper (v2, ViT-B/16, mean of 38 sets)")
-    plain_log_ticks(axis, [*ratios, *paper_ratios], label=ratio_label)
-    axis.set_xlabel("compression ratio (source bytes / stored bytes)")
-    axis.set_ylabel("top-1 / top-1 of RGB pixels")
-    axis.set_title(title or "Relative zero-shot accuracy against compression")
-    legend_below(figure, axis=axis)
-    return figure
-
-
-def plot_relative_against_paper(rows: list[dict], title: str = "") -> Figure:
-    """The paper's main result redrawn: relative top-1 (tower / RGB) against compression ratio, ours
-    per evaluation set with 95 % intervals, the paper's as one series.
-
-    Reads each row's ``set``, ``level``, ``ratio``, ``relative``, ``low``, ``high`` and ``paper`` (the
-    paper's relative accuracy at that level, or None); the paper's points sit at our levels' ratios."""
-    figure, axis = new_figure(figsize=(7.5, 4.8))
-    axis.axhline(1.0, color="grey", linestyle="--", linewidth=0.8, label="RGB pixels (1.0)")
-    sets = list(dict.fromkeys(row["set"] for row in rows))
-    for index, name in enumerate(sets):
-        ours = sorted((row for row in rows if row["set"] == name), key=lambda row: row["ratio"])
-        value = [row["relative"] for row in ours]
-        axis.errorbar([row["ratio"] * nudge(len(sets) + 1, index) for row in ours], value,
-                      yerr=spans(value, [row["low"] for row in ours], [row["high"] for row in ours]),
-                      marker="o", capsize=3, color=f"C{index}", label=f"ours: {name}")
-    by_level = {}
-    for row in rows:
-        if row.get("paper") is not None:
-            by_level.setdefault(row["level"], (row["ratio"], row["paper"]))
-    if by_level:
-        points = sorted(by_level.values())
-        axis.plot([ratio * nudge(len(sets) + 1, len(sets)) for ratio, _ in points], [value for _, value in points],
-                  marker="s", color="black", linestyle="--", linewidth=1, label=PAPER_LABEL)
-    plain_log_ticks(axis, [row["ratio"] for row in rows], label=ratio_label)
-    axis.set_xlabel("compression ratio (source bytes / stored bytes)")
-    axis.set_ylabel("relative top-1 (tower / RGB pixels)")
-    axis.set_title(title or "Relative zero-shot top-1 against compression, ours and the paper's")
-    legend_below(figure, axis=axis)
-    return figure
-
-
-def plot_tower_differences(comparisons: list[dict], title: str = "") -> Figure:
-    """Finding (d): at every level, the splat tower minus each other representation (percentage
-    points) with its 95 % interval, around a zero line; filled where the interval excludes 0.
-
-    Reads each dict's ``level``, ``ratio``, ``against``, ``difference``, ``low``, ``high`` (the
-    ``verdict`` is not drawn: the fill says the same). One row per level, sorted by ratio; the
-    representations of a level are spread vertically; one legend entry per representation present."""
-    levels = sorted({(row["ratio"], row["level"]) for row in comparisons})
-    against = [name for name in AGAINST if any(row["against"] == name for row in comparisons)]
-    against += [name for name in dict.fromkeys(row["against"] for row in comparisons) if name not in against]
-    height = 0.22 * max(1, len(against)) + 0.25
-    figure, axis = new_figure(figsize=(7.5, 1.9 + height * max(2, len(levels))))
-    position = {level: index for index, (_, level) in enumerate(levels)}
-    step = 0.8 / max(1, len(against))
-    handles = []
-    for index, name in enumerate(against):
-        marker, colour = AGAINST.get(name, ("v", f"C{4 + index}"))
-        handles.append(Line2D([], [], marker=marker, color=colour, linestyle="none", label=f"minus {name}"))
-        for row in comparisons:
-            if row["against"] == name:
-                y = position[row["level"]] + (index - (len(against) - 1) / 2) * step
-                draw_difference(axis, y, row["difference"], row["low"], row["high"], colour=colour, marker=marker,
-                                gid=f"{row['level']}|{name}")
-    for boundary in range(1, len(levels)):
-        axis.axhline(boundary - 0.5, color="lightgrey", linewidth=0.6)
-    axis.axvline(0, color="black", linewidth=0.8)
-    axis.set_yticks(range(len(levels)), labels=[f"{level} ({ratio_label(ratio)})" for ratio, level in levels])
-    axis.set_ylim(len(levels) - 0.5, -0.5)
-    axis.set_xlabel("tower minus the other (percentage points)")
-    axis.set_title(title or "Splat tower minus the other representations, per level")
-    legend_below(figure, handles + fill_handles())
     return figure
 
 

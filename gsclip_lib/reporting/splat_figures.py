@@ -1,6 +1,6 @@
 """Figures of splats: renders beside their originals, and each splat drawn as its ellipse.
 
-Kept apart from :mod:`gsclip_lib.reporting.figures` because they render splats: only the stages
+Kept apart from :mod:`gsclip_lib.reporting.figures` because they render splats: only the pages
 that draw splats depend on the renderer through them.
 """
 
@@ -90,6 +90,12 @@ def plot_fit_gallery(
 SMALL_RENDER = 4_000_000  # splat-pixel pairs up to which example figures render with the dense twin
 
 
+def example_backend(splats: Splats, size: int, backend: str) -> str:
+    """The renderer for a few example images: a few small images render faster densely than through
+    the compiled path's first call, so up to :data:`SMALL_RENDER` splat-pixel pairs use ``dense``."""
+    return "dense" if splats.batch_size * splats.num_slots * size * size <= SMALL_RENDER else backend
+
+
 def plot_level_examples(
     images: Tensor,  # [k, C, S, S]
     splats_by_level: dict[int, Splats],  # splat count -> the k images' splats
@@ -100,13 +106,8 @@ def plot_level_examples(
 ) -> Figure:
     """Originals (their captions above them, in full) beside their renders and ellipses at each level."""
     size = images.shape[-1]
-
-    def chosen_backend(splats: Splats) -> str:
-        # A few small images render faster densely than through the compiled path's first call.
-        return "dense" if splats.batch_size * splats.num_slots * size * size <= SMALL_RENDER else backend
-
     renders = {
-        level: render_splats(splats, size, size, backend=chosen_backend(splats), cutoff=cutoff)
+        level: render_splats(splats, size, size, backend=example_backend(splats, size, backend), cutoff=cutoff)
         for level, splats in splats_by_level.items()
     }
     quality = {level: psnr(images, render) for level, render in renders.items()}

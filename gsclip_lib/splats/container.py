@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from gsclip_lib.errors import InputError
+from kernels.arguments import check_rasterizer_inputs
 
 
 @dataclass(frozen=True)
@@ -100,27 +101,6 @@ class Splats:
         syy = l21 * l21 + l22 * l22
         return torch.stack([torch.stack([sxx, sxy], -1), torch.stack([sxy, syy], -1)], -2)
 
-    def compact(self, num_slots: int | None = None) -> "Splats":
-        """Move each image's valid splats to the front and trim the batch to ``num_slots`` slots.
-
-        ``num_slots`` defaults to the largest valid count in the batch. Order among the valid splats is
-        kept. Raises if an image has more valid splats than ``num_slots``.
-        """
-        counts = self.counts()
-        most = int(counts.max()) if counts.numel() else 0
-        if num_slots is None:
-            num_slots = most
-        if most > num_slots:
-            raise InputError(f"an image has {most} valid splats, more than num_slots={num_slots}")
-        # Stable sort puts valid slots first and keeps their relative order.
-        order = torch.sort((~self.valid).to(torch.int8), dim=1, stable=True).indices[:, :num_slots]
-
-        def take(values: Tensor) -> Tensor:
-            return torch.gather(values, 1, order.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
-
-        valid = torch.gather(self.valid, 1, order)
-        return Splats(take(self.positions), take(self.cholesky), take(self.colours), valid)
-
 
 PIXEL_TOLERANCE = 1e-4  # images a resampler overshot by a rounding error are still accepted
 # Beyond 2^24 pixels a float32 coordinate cannot tell neighbouring pixels apart: no render is right.
@@ -128,34 +108,12 @@ MAX_COORDINATE = float(2**24)
 
 
 def check_splat_tensors(positions: Tensor, cholesky: Tensor, colours: Tensor, valid: Tensor) -> None:
-    """Raise ValueError naming the problem when the four splat tensors do not fit together."""
-    for name, value in (("positions", positions), ("cholesky", cholesky), ("colours", colours)):
-        if not isinstance(value, Tensor):
-            raise InputError(f"splat {name} must be a torch.Tensor, got {type(value).__name__}")
-        if value.dim() != 3:
-            raise InputError(f"splat {name} must have shape [B, N, k], got {tuple(value.shape)}")
-        if not value.is_floating_point():
-            raise InputError(f"splat {name} must be a floating-point tensor, got {value.dtype}")
-    if positions.shape[-1] != 2:
-        raise InputError(f"splat positions must be [B, N, 2], got {tuple(positions.shape)}")
-    if cholesky.shape[-1] != 3:
-        raise InputError(f"splat cholesky factors must be [B, N, 3], got {tuple(cholesky.shape)}")
-    if colours.shape[-1] < 1:
-        raise InputError(f"splat colours need at least one channel, got {tuple(colours.shape)}")
-    if not (positions.shape[:2] == cholesky.shape[:2] == colours.shape[:2]):
-        raise InputError(
-            "splat tensors disagree on [B, N]: positions "
-            f"{tuple(positions.shape)}, cholesky {tuple(cholesky.shape)}, colours {tuple(colours.shape)}"
-        )
-    if not isinstance(valid, Tensor) or valid.dtype != torch.bool:
-        raise InputError("splat valid mask must be a bool tensor")
-    if tuple(valid.shape) != tuple(positions.shape[:2]):
-        raise InputError(
-            f"splat valid mask must be [B, N] = {tuple(positions.shape[:2])}, got {tuple(valid.shape)}"
-        )
-    devices = {positions.device, cholesky.device, colours.device, valid.device}
-    if len(devices) != 1:
-        raise InputError(f"splat tensors live on different devices: {sorted(map(str, devices))}")
+    """Raise InputError (a ValueError) naming the problem when the four splat tensors do not fit
+    together: the rasterizers' own check (:func:`kernels.arguments.check_rasterizer_inputs`)."""
+    try:
+        check_rasterizer_inputs(positions, cholesky, colours, valid)
+    except ValueError as error:
+        raise InputError(f"splat {error}") from None
 
 
 def check_images(images: Tensor) -> None:

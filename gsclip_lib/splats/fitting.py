@@ -5,8 +5,8 @@ norm over the image's valid splats (the paper's lambda is about 1e-6). Summing r
 over images keeps each image's gradient independent of the batch size; Adam is per-element, so
 every image follows the same trajectory it would follow alone, and one launch serves the batch.
 
-Three things make the fit converge in far fewer steps than Adam alone (measured in
-``benchmarks/fitting.py``):
+Three things make the fit converge in far fewer steps than Adam alone (measured against it in
+``benchmarks/fitting_old_vs_new.json``):
 
 - **Least-squares colours** (:mod:`gsclip_lib.splats.least_squares`): the render is linear in the
   colours, so for the current geometry the best colours are a solve away. ``colour_solve`` says
@@ -23,7 +23,7 @@ After each step the Cholesky diagonal is kept at or above ``min_scale`` pixels: 
 than a fraction of a pixel falls between pixel centres, and its gradient vanishes.
 
 An image whose loss, or whose splats, turn NaN or inf is reported, put back to its initial splats
-with fresh optimizer state and refitted; after ``max_retries`` such restarts it is dropped (all its
+with its Adam moments zeroed (Adam's step count is the batch's and runs on) and refitted; after ``max_retries`` such restarts it is dropped (all its
 splats invalid, PSNR NaN) and listed in ``FitResult.dropped``. It is never silently kept.
 """
 
@@ -137,6 +137,8 @@ def fit_splats(
     progress: bool = True,
     description: str = "fit",
 ) -> FitResult:
+    """Fit ``num_splats`` splats to each image of the batch for ``settings.iterations`` steps
+    (see the module docstring); images that turn non-finite are restarted, then dropped."""
     check_images(images)
     if images.dtype in (torch.float16, torch.bfloat16):
         images = images.float()  # half precision cannot hold the fit's small steps: fit in fp32
@@ -146,115 +148,155 @@ def fit_splats(
         initial = initialize_splats(images, num_splats, settings.init, settings.seed)
     else:
         check_same_batch(initial, images)
-    initial = initial.detach().to(images.dtype)
-    valid = initial.valid
-    solve_every_step = settings.colour_solve == "every_step"
-    positions, cholesky = (t.clone().requires_grad_(True) for t in (initial.positions, initial.cholesky))
-    colours = initial.colours.clone().requires_grad_(not solve_every_step)
-    params = [positions, cholesky, colours]
-    groups = [{"params": [positions], "lr": settings.lr_positions}, {"params": [cholesky], "lr": settings.lr_cholesky}]
-    if not solve_every_step:  # colours solved at every step take no Adam step
-        groups.append({"params": [colours], "lr": settings.lr_colours})
-    optimizer = torch.optim.Adam(groups)
-    batch = images.shape[0]
-    alive = torch.ones(batch, dtype=torch.bool, device=images.device)
-    restarts = torch.zeros(batch, dtype=torch.int64)
-    retried: list[int] = []
-    dropped: list[int] = []
-    reseeded = 0
-    history: dict[str, list[float]] = {"iteration": [], "seconds": [], "cpu_seconds": [], "loss": [], "psnr": []}
-    reseed_until = int(settings.reseed_until * settings.iterations)
-
-    def current() -> Splats:
-        return Splats(positions, cholesky, colours, valid & alive[:, None])
-
-    def render() -> Tensor:
-        return render_splats(current(), height, width, backend=settings.backend, cutoff=settings.cutoff)
-
-    def solve() -> None:
-        with torch.no_grad():
-            colours.copy_(solve_colours(current().detach(), images, ridge=settings.ridge, cutoff=settings.cutoff,
-                                        backend=settings.backend, cg_iterations=settings.cg_iterations))
-
-    def restart_or_drop(bad: Tensor, what: str) -> None:  # bad: [B] bool
-        """Put the ``bad`` images back to their start, or drop those restarted too often."""
-        _restart_images(bad.nonzero().flatten(), params, initial, optimizer)
-        for image in bad.nonzero().flatten().tolist():
-            restarts[image] += 1
-            if restarts[image] > settings.max_retries:
-                alive[image] = False
-                dropped.append(image)
-                report(f"{description}: image {image} dropped, {what} again")
-            else:
-                retried.append(image)
-                report(f"{description}: image {image} restarted, {what}")
-
-    start, cpu_start = time.perf_counter(), time.process_time()
+    fit = _BatchFit(images, initial.detach().to(images.dtype), settings, description)
     bar = progress_bar(range(settings.iterations), desc=description, disable=not progress)
     for iteration in bar:
-        # Splats that left the finite numbers are handled before the render, which refuses them
-        # rather than drop them silently; a start that is itself broken is dropped at once.
-        broken = alive & ~_finite_splats(positions, cholesky, colours, valid)
+        fit.step(iteration)
+        if iteration % settings.log_every == 0 or iteration == settings.iterations - 1:
+            bar.set_postfix(psnr=f"{fit.log(iteration):.2f}")
+    if settings.colour_solve != "none":
+        fit.solve()  # the best colours of the last geometry (with 0 steps: of the start)
+    return fit.result()
+
+
+class _BatchFit:
+    """The state of one :func:`fit_splats` call: the splat parameters of the whole batch, their Adam
+    optimizer, which images are still fitted, and what happened to the others."""
+
+    def __init__(self, images: Tensor, initial: Splats, settings: FitSettings, description: str) -> None:
+        self.images, self.initial, self.settings, self.description = images, initial, settings, description
+        self.height, self.width = images.shape[-2:]
+        self.valid = initial.valid
+        self.solve_every_step = settings.colour_solve == "every_step"
+        self.positions, self.cholesky = (t.clone().requires_grad_(True) for t in (initial.positions, initial.cholesky))
+        self.colours = initial.colours.clone().requires_grad_(not self.solve_every_step)
+        self.params = [self.positions, self.cholesky, self.colours]
+        groups = [{"params": [self.positions], "lr": settings.lr_positions},
+                  {"params": [self.cholesky], "lr": settings.lr_cholesky}]
+        if not self.solve_every_step:  # colours solved at every step take no Adam step
+            groups.append({"params": [self.colours], "lr": settings.lr_colours})
+        self.optimizer = torch.optim.Adam(groups)
+        batch = images.shape[0]
+        self.alive = torch.ones(batch, dtype=torch.bool, device=images.device)
+        self.restarts = torch.zeros(batch, dtype=torch.int64)
+        self.retried: list[int] = []
+        self.dropped: list[int] = []
+        self.reseeded = 0
+        self.reseed_until = int(settings.reseed_until * settings.iterations)
+        self.history: dict[str, list[float]] = {"iteration": [], "seconds": [], "cpu_seconds": [], "loss": [], "psnr": []}
+        self.last: tuple[Tensor, Tensor, Tensor] | None = None  # the latest step's render, losses, healthy images
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+
+    def current(self) -> Splats:
+        return Splats(self.positions, self.cholesky, self.colours, self.valid & self.alive[:, None])
+
+    def render(self) -> Tensor:  # [B, C, H, W]
+        settings = self.settings
+        return render_splats(self.current(), self.height, self.width, backend=settings.backend, cutoff=settings.cutoff)
+
+    def losses(self, rendered: Tensor) -> Tensor:  # [B]
+        return fit_loss_per_image(rendered, self.images, self.colours, self.valid, self.settings.colour_l1)
+
+    def solve(self) -> None:
+        """The best colours of the current geometry (least squares), written into the parameters."""
+        settings = self.settings
+        with torch.no_grad():
+            self.colours.copy_(solve_colours(self.current().detach(), self.images, ridge=settings.ridge,
+                                             cutoff=settings.cutoff, backend=settings.backend,
+                                             cg_iterations=settings.cg_iterations))
+
+    def drop(self, image: int, why: str) -> None:
+        self.alive[image] = False
+        self.dropped.append(image)
+        report(f"{self.description}: image {image} dropped, {why}")
+
+    def restart_or_drop(self, bad: Tensor, what: str) -> None:  # bad: [B] bool
+        """Put the ``bad`` images back to their start, or drop those restarted too often."""
+        _restart_images(bad.nonzero().flatten(), self.params, self.initial, self.optimizer)
+        for image in bad.nonzero().flatten().tolist():
+            self.restarts[image] += 1
+            if self.restarts[image] > self.settings.max_retries:
+                self.drop(image, f"{what} again")
+            else:
+                self.retried.append(image)
+                report(f"{self.description}: image {image} restarted, {what}")
+
+    def handle_broken_splats(self) -> None:
+        """Splats that left the finite numbers are handled before the render, which refuses them
+        rather than drop them silently; a start that is itself broken is dropped at once."""
+        broken = self.alive & ~_finite_splats(self.positions, self.cholesky, self.colours, self.valid)
         if bool(broken.any()):
-            restart_or_drop(broken, "its splats became non-finite")
-            unusable = alive & ~_finite_splats(positions, cholesky, colours, valid)
+            self.restart_or_drop(broken, "its splats became non-finite")
+            unusable = self.alive & ~_finite_splats(self.positions, self.cholesky, self.colours, self.valid)
             for image in unusable.nonzero().flatten().tolist():
-                alive[image] = False
-                dropped.append(image)
-                report(f"{description}: image {image} dropped, its starting splats are non-finite")
-        if solve_every_step or (iteration == 0 and settings.colour_solve == "sparse"):
-            solve()
-        rendered = render()
-        losses = fit_loss_per_image(rendered, images, colours, valid, settings.colour_l1)
-        bad = alive & ~torch.isfinite(losses)
+                self.drop(image, "its starting splats are non-finite")
+
+    def step(self, iteration: int) -> None:
+        """One optimizer step over the healthy images, then the scale floor and any re-seeding."""
+        settings = self.settings
+        self.handle_broken_splats()
+        if self.solve_every_step or (iteration == 0 and settings.colour_solve == "sparse"):
+            self.solve()
+        rendered = self.render()
+        losses = self.losses(rendered)
+        bad = self.alive & ~torch.isfinite(losses)
         if bool(bad.any()):
-            restart_or_drop(bad, "loss non-finite")
-            # The restart rewrote the parameters in place: evaluate them afresh.
-            rendered = render()
-            losses = fit_loss_per_image(rendered, images, colours, valid, settings.colour_l1)
-        healthy = alive & torch.isfinite(losses)
-        optimizer.zero_grad(set_to_none=True)
+            self.restart_or_drop(bad, "loss non-finite")
+            rendered = self.render()  # the restart rewrote the parameters in place: evaluate them afresh
+            losses = self.losses(rendered)
+        healthy = self.alive & torch.isfinite(losses)
+        self.optimizer.zero_grad(set_to_none=True)
         if bool(healthy.any()):
             losses[healthy].sum().backward()
-            optimizer.step()
+            self.optimizer.step()
         with torch.no_grad():
-            torch.clamp_(cholesky[..., 0], min=settings.min_scale)
-            torch.clamp_(cholesky[..., 2], min=settings.min_scale)
-            if settings.reseed_every and 0 < iteration < reseed_until and iteration % settings.reseed_every == 0:
-                moved = reseed_dead_splats(Splats(positions, cholesky, colours, valid & alive[:, None]),
-                                           rendered.detach() - images, settings.reseed_fraction,
-                                           settings.reseed_energy)
-                reseeded += int(moved.sum())
-                _clear_moments(optimizer, params, moved)
-                if settings.colour_solve == "sparse":
-                    solve()
-        if iteration % settings.log_every == 0 or iteration == settings.iterations - 1:
-            with torch.no_grad():
-                quality = psnr(images[healthy], rendered[healthy].detach())
-            history["iteration"].append(iteration)
-            history["seconds"].append(time.perf_counter() - start)
-            history["cpu_seconds"].append(time.process_time() - cpu_start)
-            history["loss"].append(float(losses.detach()[healthy].mean()) if bool(healthy.any()) else float("nan"))
-            history["psnr"].append(float(quality.mean()) if quality.numel() else float("nan"))
-            bar.set_postfix(psnr=f"{history['psnr'][-1]:.2f}")
-    if settings.colour_solve != "none":
-        solve()  # the best colours of the last geometry (with 0 steps: of the start)
-    seconds = time.perf_counter() - start
+            torch.clamp_(self.cholesky[..., 0], min=settings.min_scale)
+            torch.clamp_(self.cholesky[..., 2], min=settings.min_scale)
+            if settings.reseed_every and 0 < iteration < self.reseed_until and iteration % settings.reseed_every == 0:
+                self.reseed(rendered.detach())
+        self.last = (rendered, losses, healthy)
 
-    with torch.no_grad():
-        final = Splats(positions.detach(), cholesky.detach(), colours.detach(), valid & alive[:, None])
-        quality = psnr(images, render_splats(final, height, width, backend=settings.backend, cutoff=settings.cutoff))
-        quality[~alive] = float("nan")
-    return FitResult(
-        splats=final,
-        psnr=quality.cpu(),
-        seconds=seconds,
-        iterations=settings.iterations,
-        retried=sorted(set(retried)),
-        dropped=sorted(dropped),
-        reseeded=reseeded,
-        history=history,
-    )
+    def reseed(self, rendered: Tensor) -> None:  # rendered [B, C, H, W], before this step's update
+        settings = self.settings
+        moved = reseed_dead_splats(self.current(), rendered - self.images, settings.reseed_fraction,
+                                   settings.reseed_energy)
+        self.reseeded += int(moved.sum())
+        _clear_moments(self.optimizer, self.params, moved)
+        if settings.colour_solve == "sparse":
+            self.solve()
+
+    def log(self, iteration: int) -> float:
+        """Record the latest step in the history; its mean PSNR over the healthy images."""
+        rendered, losses, healthy = self.last
+        with torch.no_grad():
+            quality = psnr(self.images[healthy], rendered[healthy].detach())
+        history = self.history
+        history["iteration"].append(iteration)
+        history["seconds"].append(time.perf_counter() - self.start)
+        history["cpu_seconds"].append(time.process_time() - self.cpu_start)
+        history["loss"].append(float(losses.detach()[healthy].mean()) if bool(healthy.any()) else float("nan"))
+        history["psnr"].append(float(quality.mean()) if quality.numel() else float("nan"))
+        return history["psnr"][-1]
+
+    def result(self) -> FitResult:
+        seconds = time.perf_counter() - self.start
+        settings = self.settings
+        with torch.no_grad():
+            final = Splats(self.positions.detach(), self.cholesky.detach(), self.colours.detach(),
+                           self.valid & self.alive[:, None])
+            quality = psnr(self.images, render_splats(final, self.height, self.width, backend=settings.backend,
+                                                      cutoff=settings.cutoff))
+            quality[~self.alive] = float("nan")
+        return FitResult(
+            splats=final,
+            psnr=quality.cpu(),
+            seconds=seconds,
+            iterations=settings.iterations,
+            retried=sorted(set(self.retried)),
+            dropped=sorted(self.dropped),
+            reseeded=self.reseeded,
+            history=self.history,
+        )
 
 
 def _finite_splats(positions: Tensor, cholesky: Tensor, colours: Tensor, valid: Tensor) -> Tensor:  # [B] bool
@@ -265,7 +307,9 @@ def _finite_splats(positions: Tensor, cholesky: Tensor, colours: Tensor, valid: 
 
 
 def _clear_moments(optimizer: torch.optim.Optimizer, params: list[Tensor], moved: Tensor) -> None:
-    """Forget Adam's moments of the splats in ``moved`` [B, N]: they start afresh where they landed."""
+    """Zero Adam's moments of the splats in ``moved`` [B, N], so no momentum from where they were
+    carries over. Adam's step count belongs to the whole tensor and is not reset, so a moved splat's
+    first update is not a fresh optimizer's (its bias correction is the fit's, not step 1's)."""
     for param in params:
         state = optimizer.state.get(param, {})
         for key in ("exp_avg", "exp_avg_sq"):
@@ -279,7 +323,8 @@ def _restart_images(
     initial: Splats,
     optimizer: torch.optim.Optimizer,
 ) -> None:
-    """Put the given images back to their initial splats and clear their Adam moments."""
+    """Put the given images back to their initial splats and zero their Adam moments (the step
+    count, shared by the batch, runs on)."""
     with torch.no_grad():
         for param, start in zip(params, (initial.positions, initial.cholesky, initial.colours)):
             param[images] = start[images]

@@ -3,7 +3,7 @@
 The paper scores each splat by the luminance of its colour's magnitude,
 ``s = 0.2126 |R| + 0.7152 |G| + 0.0722 |B|`` (Rec. 709 weights; ``|c|`` for one channel), and drops
 the dimmest: every splat with ``s < tau``, or (for levels of a fixed size) all but the ``target``
-brightest of each image. The L1 penalty on colours during the large fit drives weak splats dark, so
+brightest of each image (this project uses the fixed-size form). The L1 penalty on colours during the large fit drives weak splats dark, so
 luminance finds them.
 
 A second score, ``energy``, is the squared norm of a splat's own contribution to the render,
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gsclip_lib.errors import InputError
+from gsclip_lib.errors import InputError, positive_int
 from gsclip_lib.params import FitSettings
 from gsclip_lib.splats.container import Splats
 from gsclip_lib.splats.fitting import FitResult, fit_splats
@@ -53,8 +53,7 @@ def prune_score(splats: Splats, score: str, height: int, width: int, cutoff: flo
 def keep_best(splats: Splats, score: Tensor, target_count: int) -> Splats:
     """The ``target_count`` best-scoring splats of each image, best first, as ``[B, target_count]``
     slots; an image with fewer valid splats keeps them all and pads with invalid slots."""
-    if target_count <= 0:
-        raise InputError(f"target_count must be positive, got {target_count}")
+    positive_int(target_count, "target_count")
     if target_count >= splats.num_slots:
         return splats
     ranked = torch.where(splats.valid, score, torch.full_like(score, -1.0))  # invalid slots rank last
@@ -66,20 +65,10 @@ def keep_best(splats: Splats, score: Tensor, target_count: int) -> Splats:
     return Splats(take(splats.positions), take(splats.cholesky), take(splats.colours), torch.gather(splats.valid, 1, keep))
 
 
-def prune_by_luminance(
-    splats: Splats,
-    *,
-    threshold: float | None = None,
-    target_count: int | None = None,
-) -> Splats:
-    """The paper's rule: drop splats whose luminance score is below ``threshold`` (keeps the slot
-    layout, clears ``valid``), or keep the ``target_count`` brightest per image (:func:`keep_best`)."""
-    if (threshold is None) == (target_count is None):
-        raise InputError("give exactly one of threshold and target_count")
-    score = luminance_score(splats.colours)
-    if threshold is not None:
-        return splats.with_valid(splats.valid & (score >= threshold))
-    return keep_best(splats, score, target_count)
+def prune(splats: Splats, target_count: int, score: str, height: int, width: int, settings: FitSettings) -> Splats:
+    """Each image's ``target_count`` best splats by ``score`` (``settings`` gives the cutoff and backend
+    the ``energy`` score renders with)."""
+    return keep_best(splats, prune_score(splats, score, height, width, settings.cutoff, settings.backend), target_count)
 
 
 def prune_and_refit(
@@ -87,7 +76,7 @@ def prune_and_refit(
     splats: Splats,
     target_count: int,
     settings: FitSettings,  # the refit's settings; ``iterations`` refit steps (0: colours only)
-    score: str = "energy",
+    score: str,  # one of SCORES; the pipeline's is ``prune.score``
     *,
     progress: bool = False,
 ) -> FitResult:
@@ -96,6 +85,5 @@ def prune_and_refit(
     With ``settings.colour_solve`` other than ``none`` the survivors' colours are solved first: the
     ones they had were shared with the splats that went.
     """
-    height, width = images.shape[-2:]
-    pruned = keep_best(splats, prune_score(splats, score, height, width, settings.cutoff, settings.backend), target_count)
+    pruned = prune(splats, target_count, score, images.shape[-2], images.shape[-1], settings)
     return fit_splats(images, pruned.num_slots, settings, initial=pruned, progress=progress, description="refit")

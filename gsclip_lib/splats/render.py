@@ -27,7 +27,7 @@ import typing
 import torch
 from torch import Tensor
 
-from gsclip_lib.errors import InputError
+from gsclip_lib.errors import InputError, positive_int
 from gsclip_lib.params import RenderBackend
 from gsclip_lib.splats.container import Splats, check_renderable
 from kernels.rasterize_cpu import cpu_kernel_available, rasterize_cpu
@@ -68,8 +68,7 @@ def render_splats(
     centre or a zero Cholesky diagonal is an error here, never a splat that silently vanishes.
     """
     for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise InputError(f"render {name} must be a positive int, got {value!r}")
+        positive_int(value, f"render {name}")
     check_cutoff(cutoff)
     check_renderable(splats)
     chosen = resolve_backend(backend, splats.device)

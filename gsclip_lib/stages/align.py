@@ -37,22 +37,17 @@ import torch
 from torch import Tensor
 
 from gsclip_lib import distributed
-from gsclip_lib.data.image_text_shards import ShardSpec, SkipCounts, expand_shard_spec
+from gsclip_lib.data.skip_counts import SkipCounts
 from gsclip_lib.data.splat_shards import SPLAT_EXTENSION, PairedDecoder, collate_splats, splat_dataset
-from gsclip_lib.data.streaming import SkipTally, StreamPlan, check_enough_shards, epoch_batches, rank_steps_per_epoch
+from gsclip_lib.data.streaming import CountedEpochs, SkipTally, StreamPlan, steps_every_rank_fills, stream_plan
+from gsclip_lib.data.tar_shards import ShardSpec, expand_shard_spec
 from gsclip_lib.errors import InputError
 from gsclip_lib.models.rgb_clip import create_rgb_clip
-from gsclip_lib.models.splat_clip import SplatClip, TextTower
-from gsclip_lib.models.splat_encoder import (
-    FeatureStats,
-    SplatImageEncoder,
-    build_splat_encoder,
-    fit_feature_statistics,
-    parameter_shares,
-    save_splat_encoder,
-)
-from gsclip_lib.params import AlignConfig, DataConfig, LoaderConfig, OptimConfig, Params, level_name
-from gsclip_lib.stages.runner import StageResult
+from gsclip_lib.models.splat_clip import SplatClip, TextTower, parameter_shares
+from gsclip_lib.models.splat_encoder import SplatImageEncoder, build_splat_encoder, save_splat_encoder
+from gsclip_lib.models.splat_features import FeatureStats, fit_feature_statistics
+from gsclip_lib.params import AlignConfig, DataConfig, LoaderConfig, OptimConfig, Params
+from gsclip_lib.pipeline.runner import StageResult
 from gsclip_lib.training.alignment import (
     AlignBatch,
     ContrastiveObjective,
@@ -63,20 +58,11 @@ from gsclip_lib.training.alignment import (
     teacher_embeddings,
     teacher_tokens,
 )
-from gsclip_lib.training.loop import train
+from gsclip_lib.training.loop import TrainResult, train
 from gsclip_lib.training.objectives import clamp_logit_scale
 
 
 STATISTICS_SAMPLES = 8192  # splat samples per rank that the feature statistics are measured on
-
-
-def paired_stream(level_spec: ShardSpec, optim: OptimConfig, loader: LoaderConfig, *, rank: int,
-                  world_size: int) -> StreamPlan:
-    """How this rank streams a level's splat shards for one training stage."""
-    shards = expand_shard_spec(level_spec)
-    check_enough_shards(shards, world_size, loader.num_workers, f"splat shards {level_spec!r}")
-    return StreamPlan(shards=tuple(shards), batch_size=optim.batch_size, seed=optim.seed, rank=rank,
-                      world_size=world_size, num_workers=loader.num_workers, shuffle_buffer=loader.shuffle_buffer)
 
 
 def measure_feature_statistics(level_spec: ShardSpec, rank: int, world_size: int) -> tuple[FeatureStats, int, int, int]:
@@ -101,6 +87,76 @@ class AlignResult:
     path: Path  # the saved splat_encoder.pt
 
 
+class LevelBatches:
+    """One training stage's batches of a level's splat shards, as :func:`gsclip_lib.training.loop.train`
+    asks for them: ``batches(epoch, first)``. With ``teacher_targets`` each batch also carries its
+    images and the teacher's targets for them, computed per batch (memory does not grow with the data)."""
+
+    def __init__(self, plan: StreamPlan, data: DataConfig, num_slots: int, tally: SkipTally,
+                 teacher_targets: Callable[[Tensor], Tensor] | None = None) -> None:
+        decode = PairedDecoder(data.image_size, data.channels, data.resize_mode, with_image=teacher_targets is not None)
+        self.epochs = CountedEpochs(plan, decode, functools.partial(collate_pairs, num_slots=num_slots), tally)
+        self.teacher_targets = teacher_targets
+
+    def __call__(self, epoch: int, first: int) -> Iterator[AlignBatch]:
+        for batch in self.epochs(epoch, first):
+            if self.teacher_targets is not None:
+                batch.targets = self.teacher_targets(batch.images)
+            yield batch
+
+
+@dataclass(frozen=True)
+class LevelData:
+    """What both training stages of one level read: its splat shards, as this rank streams them."""
+
+    spec: ShardSpec
+    data: DataConfig
+    loader: LoaderConfig
+    num_slots: int  # the level's largest splat count: every batch is padded to it
+    rank: int
+    world_size: int
+
+    def batches(self, stage: str, optim: OptimConfig, tally: SkipTally,
+                teacher_targets: Callable[[Tensor], Tensor] | None = None) -> tuple[LevelBatches, int]:
+        """The stage's batches and the steps of an epoch every rank can fill."""
+        plan = stream_plan(expand_shard_spec(self.spec), optim, self.loader, rank=self.rank,
+                           world_size=self.world_size, what=f"splat shards {self.spec!r}")
+        steps = steps_every_rank_fills(plan, (SPLAT_EXTENSION,), self.loader.samples_per_epoch,
+                                       what=f"the splat shards {self.spec!r}", batch_setting=f"align.{stage}.batch_size")
+        return LevelBatches(plan, self.data, self.num_slots, tally, teacher_targets), steps
+
+
+def distill(rgb: Any, encoder: SplatImageEncoder, level: LevelData, config: AlignConfig, folder: Path,
+            tally: SkipTally, *, device: torch.device, progress: bool) -> TrainResult:
+    """Stage 1: the student matched to the teacher's view of the same images, its block inputs
+    (``tokens``) or its embedding. Token distillation leaves the blocks, norm_post and proj unused."""
+    if config.distill_target == "tokens":
+        side = int(round(config.encoder.num_latents**0.5))
+        targets = functools.partial(teacher_tokens, rgb, side=side)
+        objective = TokenDistillationObjective(encoder)
+    else:
+        targets = functools.partial(teacher_embeddings, rgb)
+        objective = DistillationObjective(encoder)
+    batches, steps = level.batches("distill", config.distill, tally, targets)
+    return train(objective, call_objective, batches, steps, config.distill, folder / "distill",
+                 description=f"distill {folder.name}", progress=progress, device=device,
+                 find_unused_parameters=config.distill_target == "tokens")
+
+
+def contrast(rgb: Any, encoder: SplatImageEncoder, level: LevelData, config: AlignConfig, folder: Path,
+             tally: SkipTally, *, device: torch.device, progress: bool) -> tuple[ContrastiveObjective, TrainResult, int]:
+    """Stage 2: CLIP's loss between the splat tower and the frozen text tower on the captions;
+    the objective (holding the splat CLIP), the training result and the steps of an epoch."""
+    text = TextTower(rgb.model, train_last_block=config.unfreeze_text_last_block).to(device)
+    clip = SplatClip(encoder, text, float(rgb.model.logit_scale.detach().reshape(-1)[0])).to(device)
+    cache_size = config.text_cache_size if config.cache_text_embeddings else 0
+    objective = ContrastiveObjective(clip, rgb.tokenizer, cache_size=cache_size)
+    batches, steps = level.batches("contrastive", config.contrastive, tally)
+    result = train(objective, call_objective, batches, steps, config.contrastive, folder / "contrastive",
+                   description=f"align {folder.name}", progress=progress, device=device, after_step=clamp_logit_scale)
+    return objective, result, steps
+
+
 def align_level(
     rgb: Any,
     level_spec: ShardSpec,
@@ -123,88 +179,23 @@ def align_level(
     start = time.perf_counter()
     device = torch.device(device) if device is not None else next(rgb.model.parameters()).device
     rank, world_size = distributed.resolve_rank(rank, world_size)
-    encoder_config = align_config.encoder
-    loader = align_config.loader
     stats, largest, height, width = measure_feature_statistics(level_spec, rank, world_size)
     count = level if level is not None else largest
     folder = align_config.level_dir(count)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(align_config.distill.seed)
-        encoder = build_splat_encoder(rgb, encoder_config, stats, (height, width)).to(device)
-    collate = functools.partial(collate_pairs, num_slots=largest)
+        encoder = build_splat_encoder(rgb, align_config.encoder, stats, (height, width)).to(device)
+    data = LevelData(level_spec, data_config, align_config.loader, largest, rank, world_size)
     tallies = {"distill": SkipTally(), "contrastive": SkipTally()}
-
-    def stage_batches(stage: str, optim: OptimConfig, teacher_targets: Callable[[Tensor], Tensor] | None = None):
-        plan = paired_stream(level_spec, optim, loader, rank=rank, world_size=world_size)
-        decode = PairedDecoder(data_config.image_size, data_config.channels, data_config.resize_mode,
-                               with_image=teacher_targets is not None)
-        steps = distributed.all_reduce_min(rank_steps_per_epoch(plan, (SPLAT_EXTENSION,), loader.samples_per_epoch))
-        if steps < 1:
-            raise InputError(
-                f"a rank of {world_size} holds fewer splat samples than one batch of {optim.batch_size} in "
-                f"{level_spec!r}; lower align.{stage}.batch_size or use more data"
-            )
-
-        def batches(epoch: int, first: int) -> Iterator[AlignBatch]:
-            stream = tallies[stage].counted(epoch, epoch_batches(plan, decode, collate, epoch, first))
-            for batch in stream:
-                if teacher_targets is not None:  # computed per batch: memory does not grow with the data
-                    batch.targets = teacher_targets(batch.images)
-                yield batch
-
-        return batches, steps
-
-    # Stage 1: distillation against the teacher's view of the same images: its block inputs
-    # (tokens) or its embedding. Token distillation leaves the blocks, norm_post and proj unused.
-    if align_config.distill_target == "tokens":
-        side = int(round(encoder_config.num_latents**0.5))
-        targets = functools.partial(teacher_tokens, rgb, side=side)
-        distill = TokenDistillationObjective(encoder)
-    else:
-        targets = functools.partial(teacher_embeddings, rgb)
-        distill = DistillationObjective(encoder)
-    batches, steps = stage_batches("distill", align_config.distill, targets)
-    distill_result = train(
-        distill,
-        call_objective,
-        batches,
-        steps,
-        align_config.distill,
-        folder / "distill",
-        description=f"distill {level_name(count)}",
-        progress=progress,
-        device=device,
-        find_unused_parameters=align_config.distill_target == "tokens",
-    )
-
-    # Stage 2: contrastive alignment with the captions.
-    text = TextTower(rgb.model, train_last_block=align_config.unfreeze_text_last_block).to(device)
-    clip = SplatClip(encoder, text, float(rgb.model.logit_scale.detach().reshape(-1)[0])).to(device)
-    cache_size = align_config.text_cache_size if align_config.cache_text_embeddings else 0
-    contrastive = ContrastiveObjective(clip, rgb.tokenizer, cache_size=cache_size)
-    batches, steps = stage_batches("contrastive", align_config.contrastive)
-    contrastive_result = train(
-        contrastive,
-        call_objective,
-        batches,
-        steps,
-        align_config.contrastive,
-        folder / "contrastive",
-        description=f"align {level_name(count)}",
-        progress=progress,
-        device=device,
-        after_step=clamp_logit_scale,
-    )
-
+    distilled = distill(rgb, encoder, data, align_config, folder, tallies["distill"], device=device, progress=progress)
+    contrastive, aligned, steps = contrast(rgb, encoder, data, align_config, folder, tallies["contrastive"],
+                                          device=device, progress=progress)
+    clip = contrastive.clip
     shares = parameter_shares(encoder, rgb, text_trainable=align_config.unfreeze_text_last_block, verbose=progress)
     path = align_config.tower_path(count)
     if distributed.is_main():
-        save_splat_encoder(
-            encoder,
-            path,
-            logit_scale=float(clip.logit_scale.detach()),
-            text_state=text.trained_state(),
-        )
+        save_splat_encoder(encoder, path, logit_scale=float(clip.logit_scale.detach()),
+                           text_state=clip.text.trained_state())
     distributed.barrier()
     skipped = {stage: SkipCounts.total(distributed.all_gather_objects(tally.first_epoch())).as_dict()
                for stage, tally in tallies.items()}
@@ -213,13 +204,13 @@ def align_level(
         "pairs": steps * align_config.contrastive.batch_size * world_size,
         "skipped": skipped,
         "feature_stats": stats.as_dict(),
-        "encoder_config": encoder_config.model_dump(),
+        "encoder_config": align_config.encoder.model_dump(),
         "distill_target": align_config.distill_target,
         "unfreeze_text_last_block": align_config.unfreeze_text_last_block,
         "cache_text_embeddings": contrastive.cache is not None,
         "text_cache": contrastive.cache_info(),
-        "distill": _stage_metrics(distill_result),
-        "contrastive": _stage_metrics(contrastive_result),
+        "distill": _stage_metrics(distilled),
+        "contrastive": _stage_metrics(aligned),
         "logit_scale": float(clip.temperature_scale().detach()),
         "parameter_shares": shares,
         "seconds": time.perf_counter() - start,
@@ -227,7 +218,7 @@ def align_level(
     return AlignResult(encoder=encoder, clip=clip, metrics=metrics, path=path)
 
 
-def _stage_metrics(result: Any) -> dict[str, Any]:
+def _stage_metrics(result: TrainResult) -> dict[str, Any]:
     history = list(result.history)
     final = {k: v for k, v in history[-1].items()} if history else {}
     return {
@@ -244,16 +235,11 @@ def _largest_over_ranks(value: int) -> int:
     return -distributed.all_reduce_min(-value)
 
 
-def teacher_model_config(params: Params):
-    """The RGB model the later stages use: the one the pretrain stage saved."""
-    return params.model.replace(checkpoint=str(params.pretrain.model_path()), pretrained="")
-
-
 def run(params: Params, *, level: int, progress: bool = True) -> StageResult:
     """The ``align@N`` stage: the splat tower of one level, trained and saved, with its curves."""
     if level not in params.levels():
         raise InputError(f"level {level} is none of the pipeline's levels {params.levels()}")
-    rgb = create_rgb_clip(teacher_model_config(params))
+    rgb = create_rgb_clip(params.trained_rgb_model())
     result = align_level(
         rgb, str(params.splat_dir(level, "train")), params.align, params.data,
         progress=progress, level=level,

@@ -9,7 +9,7 @@ stages run through this entry point instead, with exactly the same library calls
 
 Each process reads its rank from torchrun's environment (gloo on the CPU, NCCL on GPUs); fitting
 splits the shards across ranks, training wraps the model in DDP. Rank 0 writes the stage's metrics,
-figures and tables where the notebook would (:class:`gsclip_lib.stages.runner.StageRun`).
+figures and tables where the notebook would (:class:`gsclip_lib.pipeline.runner.StageRun`).
 
 A mistake of the user's (a bad parameter, a missing file, unusable input) is printed as one line
 naming it, with exit status 2; anything else is a bug and keeps its traceback.
@@ -23,7 +23,7 @@ import sys
 
 from gsclip_lib import distributed
 from gsclip_lib.errors import GsclipError
-from gsclip_lib.stages.runner import StageRun
+from gsclip_lib.pipeline.runner import StageRun
 
 STAGES = ("fit_photos", "prepare", "fit", "prune", "pretrain", "align", "evaluate")
 LEVEL_STAGES = ("align",)

@@ -16,15 +16,15 @@ It also reports the tokens and attention FLOPs of both towers (:mod:`gsclip_lib.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gsclip_lib.data.captions import FASHION_MNIST_EVAL_TEMPLATES, IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
-from gsclip_lib.data.fashion_mnist import FASHION_MNIST_CLASSES
+from gsclip_lib.data.captions import OPENAI_IMAGENET_TEMPLATES
+from gsclip_lib.evaluation.class_prompts import class_names_and_templates, folder_class_names
 from gsclip_lib.errors import InputError
 from gsclip_lib.evaluation.matched_bytes import evaluate_matched_bytes, splat_level_budgets
 from gsclip_lib.evaluation.token_budget import token_report
@@ -36,15 +36,10 @@ from gsclip_lib.progress import progress_bar
 from gsclip_lib.splats.codec import compression_ratio, payload_bytes, record_bytes, source_bytes
 from gsclip_lib.splats.container import Splats
 from gsclip_lib.splats.render import render_splats
-from gsclip_lib.stages.align import teacher_model_config
-from gsclip_lib.stages.prepare import imagenet_class_names
-from gsclip_lib.stages.runner import StageResult
+from gsclip_lib.pipeline.runner import StageResult
 
 if TYPE_CHECKING:
     import pandas as pd
-
-EVAL_CLASS_SOURCES = ("fashion_mnist", "imagenet")
-
 
 @dataclass(frozen=True)
 class EvalSet:
@@ -54,30 +49,6 @@ class EvalSet:
     image_shards: str
     class_names: tuple[str, ...]
     templates: tuple[Any, ...]
-
-
-def class_names_and_templates(source: str) -> tuple[tuple[str, ...], tuple[Any, ...]]:
-    """Class names and prompt templates for ``evaluate.eval_classes``.
-
-    ``fashion_mnist``: its ten names with this project's CLIP-style evaluation prompts; ``imagenet``:
-    open_clip's ImageNet-1K names and OpenAI templates; otherwise a text file with one name per line
-    (label order), used with the OpenAI templates.
-    """
-    if source == "fashion_mnist":
-        return tuple(FASHION_MNIST_CLASSES), tuple(FASHION_MNIST_EVAL_TEMPLATES)
-    if source == "imagenet":
-        return tuple(IMAGENET_CLASSNAMES), tuple(OPENAI_IMAGENET_TEMPLATES)
-    path = Path(source)
-    if not path.is_file():
-        raise InputError(
-            f"evaluate.eval_classes is {source!r}: neither {' nor '.join(EVAL_CLASS_SOURCES)} nor an existing file"
-        )
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    while names and not names[-1]:
-        names.pop()
-    if not names or not all(names):
-        raise InputError(f"{path} must hold one class name per line, without blank lines")
-    return tuple(names), tuple(OPENAI_IMAGENET_TEMPLATES)
 
 
 def evaluation_sets(params: Params) -> list[EvalSet]:
@@ -92,7 +63,8 @@ def evaluation_sets(params: Params) -> list[EvalSet]:
         sets.append(EvalSet("eval", eval_spec, names, templates))
     if data.imagenet_dir:
         sets.append(
-            EvalSet(IMAGENET_SPLIT, data.imagenet_shards(), imagenet_class_names(data), tuple(OPENAI_IMAGENET_TEMPLATES))
+            EvalSet(IMAGENET_SPLIT, data.imagenet_shards(), folder_class_names(data.imagenet_classes_file()),
+                    tuple(OPENAI_IMAGENET_TEMPLATES))
         )
     return sets
 
@@ -120,6 +92,73 @@ def _headline(scores: dict[str, Any]) -> dict[str, Any]:
     return {key: scores[key] for key in ("top1", "top5", "images", "skipped", "per_class_top1", "correct_top1", "keys")}
 
 
+def encode_pixels(rgb: Any, images: torch.Tensor) -> torch.Tensor:  # images [B, C, S, S] -> [B, D]
+    """The RGB model's embedding of images as the data reads them (resized and normalized its way)."""
+    return rgb.model.encode_image(rgb.prepare_images(images))
+
+
+def encode_rendered_back(rgb: Any, image_size: int, backend: str, splats: Splats) -> torch.Tensor:  # [B, D]
+    """The RGB model's embedding of splats drawn back to pixels (the render-back control)."""
+    return encode_pixels(rgb, rendered_back(splats, image_size, backend))
+
+
+def image_batches(spec: str, params: Params):
+    """An evaluation set's images, read as the fit stage read them."""
+    data = params.data
+    return image_shard_batches(spec, params.evaluate.batch_size, image_size=data.image_size,
+                               resize_mode=data.resize_mode, channels=data.channels)
+
+
+def score_level(eval_set: EvalSet, level: int, tower: Any, rgb: Any, classifier: torch.Tensor,
+                params: Params) -> dict[str, Any]:
+    """One level on one set: its tower on the splats, and the RGB model on the splats rendered back."""
+    splats = str(params.splat_dir(level, eval_set.split))
+    tower_classifier = build_classifier(tower, rgb.tokenizer, eval_set.class_names, eval_set.templates)
+    level_scores = evaluate_zero_shot(tower.encode_image, splat_shard_batches(splats, params.evaluate.batch_size),
+                                      tower_classifier)
+    encode = functools.partial(encode_rendered_back, rgb, params.data.image_size, params.fit.optimizer.backend)
+    render_back = evaluate_zero_shot(encode, splat_shard_batches(splats, params.evaluate.batch_size), classifier)
+    return {**_level_row(level, params.data), **level_scores, "render_back": _headline(render_back)}
+
+
+def score_set(eval_set: EvalSet, rgb: Any, towers: dict[int, Any], params: Params, *, progress: bool) -> dict[str, Any]:
+    """Every representation on one evaluation set: RGB, each level's tower and render-back, the baselines."""
+    data = params.data
+    classifier = build_classifier(rgb.model, rgb.tokenizer, eval_set.class_names, eval_set.templates)
+    encode = functools.partial(encode_pixels, rgb)
+    scores: dict[str, Any] = {"classes": len(eval_set.class_names), "image_shards": eval_set.image_shards}
+    scores["rgb"] = evaluate_zero_shot(encode, image_batches(eval_set.image_shards, params), classifier)
+    scores["rgb"]["source_bytes"] = source_bytes(data.image_size, data.image_size, data.channels)
+    scores["levels"] = {
+        level_name(level): score_level(eval_set, level, tower, rgb, classifier, params)
+        for level, tower in progress_bar(towers.items(), desc=f"{eval_set.split}: splat levels",
+                                         disable=not progress)
+    }
+    budgets = splat_level_budgets(list(towers), data.channels, params.evaluate.accounting)
+    scores["baselines"] = evaluate_matched_bytes(
+        encode, functools.partial(image_batches, eval_set.image_shards, params), classifier, budgets,
+        list(params.evaluate.baselines),
+    )
+    return scores
+
+
+def tower_tokens(rgb: Any, params: Params) -> dict[str, Any]:
+    """Tokens and attention FLOPs of both towers at every level."""
+    visual = rgb.model.visual
+    return {
+        level_name(level): token_report(
+            rgb_image_size=rgb.image_size,
+            patch_size=visual.patch_size[0] if isinstance(visual.patch_size, tuple) else visual.patch_size,
+            width=visual.transformer.width,
+            layers=visual.transformer.layers,
+            num_latents=params.align.encoder.num_latents,
+            num_splats=level,
+            resampler_layers=params.align.encoder.resampler_layers,
+        )
+        for level in params.levels()
+    }
+
+
 def evaluate_all(params: Params, *, progress: bool = True) -> dict:
     """Zero-shot top-1/top-5 of the RGB model, every splat level and the baselines, plus tokens.
 
@@ -129,64 +168,14 @@ def evaluate_all(params: Params, *, progress: bool = True) -> dict:
     level's byte budget.
     """
     started = time.perf_counter()
-    data, evaluate, align = params.data, params.evaluate, params.align
-    rgb = create_rgb_clip(teacher_model_config(params))
+    rgb = create_rgb_clip(params.trained_rgb_model())
     rgb.model.eval()
-    levels = params.levels()
-    sets = evaluation_sets(params)
-    towers = {level: load_splat_clip(align.tower_path(level), rgb).eval() for level in levels}
-
-    def encode_rgb(images: torch.Tensor) -> torch.Tensor:
-        return rgb.model.encode_image(rgb.prepare_images(images))
-
+    towers = {level: load_splat_clip(params.align.tower_path(level), rgb).eval() for level in params.levels()}
     results: dict[str, Any] = {"sets": {}}
     with torch.no_grad():
-        for eval_set in sets:
-            def rgb_batches(spec: str = eval_set.image_shards):
-                return image_shard_batches(
-                    spec, evaluate.batch_size, image_size=data.image_size,
-                    resize_mode=data.resize_mode, channels=data.channels,
-                )
-
-            classifier = build_classifier(rgb.model, rgb.tokenizer, eval_set.class_names, eval_set.templates)
-            scores: dict[str, Any] = {"classes": len(eval_set.class_names), "image_shards": eval_set.image_shards}
-            scores["rgb"] = evaluate_zero_shot(encode_rgb, rgb_batches(), classifier)
-            scores["rgb"]["source_bytes"] = source_bytes(data.image_size, data.image_size, data.channels)
-            scores["levels"] = {}
-            for level in progress_bar(levels, desc=f"{eval_set.split}: splat levels", disable=not progress):
-                tower = towers[level]
-                tower_classifier = build_classifier(tower, rgb.tokenizer, eval_set.class_names, eval_set.templates)
-                level_scores = evaluate_zero_shot(
-                    tower.encode_image,
-                    splat_shard_batches(str(params.splat_dir(level, eval_set.split)), evaluate.batch_size),
-                    tower_classifier,
-                )
-                render_back = evaluate_zero_shot(
-                    lambda splats: encode_rgb(rendered_back(splats, data.image_size, params.fit.optimizer.backend)),
-                    splat_shard_batches(str(params.splat_dir(level, eval_set.split)), evaluate.batch_size),
-                    classifier,
-                )
-                scores["levels"][level_name(level)] = {
-                    **_level_row(level, data), **level_scores, "render_back": _headline(render_back),
-                }
-            budgets = splat_level_budgets(levels, data.channels, evaluate.accounting)
-            scores["baselines"] = evaluate_matched_bytes(
-                encode_rgb, rgb_batches, classifier, budgets, list(evaluate.baselines)
-            )
-            results["sets"][eval_set.split] = scores
-    visual = rgb.model.visual
-    results["tokens"] = {
-        level_name(level): token_report(
-            rgb_image_size=rgb.image_size,
-            patch_size=visual.patch_size[0] if isinstance(visual.patch_size, tuple) else visual.patch_size,
-            width=visual.transformer.width,
-            layers=visual.transformer.layers,
-            num_latents=align.encoder.num_latents,
-            num_splats=level,
-            resampler_layers=align.encoder.resampler_layers,
-        )
-        for level in levels
-    }
+        for eval_set in evaluation_sets(params):
+            results["sets"][eval_set.split] = score_set(eval_set, rgb, towers, params, progress=progress)
+    results["tokens"] = tower_tokens(rgb, params)
     results["seconds"] = round(time.perf_counter() - started, 1)
     return results
 

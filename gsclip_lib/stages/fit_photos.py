@@ -13,7 +13,8 @@ count, and reports for each count:
 It also measures two of the paper's findings (METHOD.md section 1):
 
 - **pruning a large fit against fitting few splats** (``prune_refit_iterations``): each smaller
-  count is pruned from the next larger one (3136 -> 1600 -> 900 -> 400) and refitted, and every
+  count is pruned from the next larger one (3136 -> 1600 -> 900 -> 400) by the pipeline's
+  ``prune.score`` and refitted, and every
   smaller count is fitted directly with as many steps in all as the cascade spent on it, so the two
   routes are compared at equal steps;
 - **the structured grid init against a random one** (``compare_random_init``): the largest count
@@ -39,7 +40,7 @@ from gsclip_lib.splats.fitting import FitResult, fit_splats
 from gsclip_lib.splats.pruning import prune_and_refit
 from gsclip_lib.splats.quality import psnr
 from gsclip_lib.splats.render import render_splats
-from gsclip_lib.stages.runner import StageResult
+from gsclip_lib.pipeline.runner import StageResult
 
 
 @dataclass
@@ -65,8 +66,9 @@ def steps_for(config: PhotoFitConfig, count: int) -> int:
     return config.optimizer.iterations + config.prune_refit_iterations * position
 
 
-def fit_photos(config: PhotoFitConfig, *, progress: bool = True) -> PhotoFitOutcome:
-    """Fit every photo at every count of ``config`` (largest first), one batch per count."""
+def fit_photos(config: PhotoFitConfig, score: str, *, progress: bool = True) -> PhotoFitOutcome:
+    """Fit every photo at every count of ``config`` (largest first), one batch per count; the pruned
+    route keeps the splats ``score`` ranks best (the pipeline's ``prune.score``)."""
     images = load_photos(config.photos, config.image_size)
     channels, size = images.shape[1], config.image_size
     source = codec.source_bytes(size, size, channels)
@@ -83,7 +85,7 @@ def fit_photos(config: PhotoFitConfig, *, progress: bool = True) -> PhotoFitOutc
         refit = settings.replace(iterations=config.prune_refit_iterations)
         parent = fits[counts[0]]
         for count in counts[1:]:
-            pruned[count] = prune_and_refit(images, parent.splats, count, refit, score="luminance", progress=progress)
+            pruned[count] = prune_and_refit(images, parent.splats, count, refit, score, progress=progress)
             parent = pruned[count]
     random_init = None
     if config.compare_random_init:
@@ -154,7 +156,7 @@ def fitted_photos(outcome: PhotoFitOutcome, photos: list[str]) -> dict:
 def run(params: Params, *, progress: bool = True) -> StageResult:
     """The ``fit_photos`` stage: the fits, their table, PSNR curves and the fitted splats (``fits.pt``)."""
     config = params.fit_photos
-    outcome = fit_photos(config, progress=progress)
+    outcome = fit_photos(config, params.prune.score, progress=progress)
     metrics = photo_fit_metrics(outcome)
     metrics["dropped"] = {str(count): fit.dropped for count, fit in outcome.fits.items() if fit.dropped}
     save_torch(fitted_photos(outcome, list(config.photos)), params.stage_dir("fit_photos") / "fits.pt")

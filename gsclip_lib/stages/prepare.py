@@ -15,28 +15,27 @@ The metrics count every split's images per class and every sample skipped, by re
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
-from gsclip_lib.atomic_files import write_json
 from gsclip_lib.data.captions import captions_for_labels
 from gsclip_lib.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist, subset_indices
 from gsclip_lib.data.image_folder import find_class_dirs, find_images, read_class_names
 from gsclip_lib.data.image_text_shards import (
     EncodedImage,
     ImageTextShards,
-    SkipCounts,
-    SkipSample,
     decode_image,
     write_image_text_shards,
 )
+from gsclip_lib.data.skip_counts import SkipCounts, SkipSample
 from gsclip_lib.errors import InputError
+from gsclip_lib.evaluation.class_prompts import save_folder_class_names
 from gsclip_lib.params import IMAGENET_SPLIT, DataConfig, Params
+from gsclip_lib.pipeline.runner import StageResult
 from gsclip_lib.progress import progress_bar
-from gsclip_lib.stages.runner import StageResult
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +93,34 @@ def prepare_fashion_mnist_split(data: DataConfig, split: str) -> dict:
     }
 
 
+class FolderSamples:
+    """The image-text samples of an ImageNet-style folder's ``files``, each file decoded once to check
+    it (one that does not decode is skipped, counted by reason and logged); the counts fill as the
+    samples are read."""
+
+    def __init__(self, root: Path, files: list[tuple[Path, int]], class_names: list[str], *, progress: bool) -> None:
+        self.root, self.files, self.class_names, self.progress = root, files, class_names, progress
+        self.skips = SkipCounts()
+        self.per_class = [0] * len(class_names)
+
+    def __iter__(self) -> Iterator[tuple[str, EncodedImage, str, dict]]:
+        for index, (path, label) in enumerate(progress_bar(self.files, desc="imagenet folder",
+                                                           disable=not self.progress)):
+            encoded = path.read_bytes()
+            try:
+                decode_image(encoded, channels=3, image_size=None, resize_mode="center_crop")
+            except SkipSample as skip:
+                self.skips.count(skip.reason)
+                logger.warning("skipping %s: %s", path, skip)
+                continue
+            self.skips.good += 1
+            self.per_class[label] += 1
+            name = self.class_names[label]
+            metadata = {"label": label, "class_name": name, "source": str(path.relative_to(self.root))}
+            extension = path.suffix.lower().lstrip(".")
+            yield f"{IMAGENET_SPLIT}{index:07d}", EncodedImage(encoded, extension), f"a photo of a {name}.", metadata
+
+
 def prepare_image_folder(data: DataConfig, *, progress: bool = True) -> dict:
     """Write ``data.imagenet_dir`` as ``imagenet-*.tar`` image-text shards; return its metrics.
 
@@ -108,29 +135,12 @@ def prepare_image_folder(data: DataConfig, *, progress: bool = True) -> dict:
     files = [(path, label) for label, name in enumerate(class_dirs) for path in find_images(root / name)]
     if not files:
         raise InputError(f"{root} has {len(class_dirs)} class folders but no image files in them")
-    skips = SkipCounts()
-    per_class = [0] * len(class_names)
-
-    def samples():
-        for index, (path, label) in enumerate(progress_bar(files, desc="imagenet folder", disable=not progress)):
-            encoded = path.read_bytes()
-            try:
-                decode_image(encoded, channels=3, image_size=None, resize_mode="center_crop")
-            except SkipSample as skip:
-                skips.count(skip.reason)
-                logger.warning("skipping %s: %s", path, skip)
-                continue
-            skips.good += 1
-            per_class[label] += 1
-            metadata = {"label": label, "class_name": class_names[label], "source": str(path.relative_to(root))}
-            extension = path.suffix.lower().lstrip(".")
-            caption = f"a photo of a {class_names[label]}."
-            yield f"{IMAGENET_SPLIT}{index:07d}", EncodedImage(encoded, extension), caption, metadata
-
-    shards = write_image_text_shards(samples(), data.shard_pattern(IMAGENET_SPLIT), data.images_per_shard)
+    samples = FolderSamples(root, files, list(class_names), progress=progress)
+    shards = write_image_text_shards(iter(samples), data.shard_pattern(IMAGENET_SPLIT), data.images_per_shard)
+    skips, per_class = samples.skips, samples.per_class
     if not shards:
         raise InputError(f"no image under {root} could be decoded ({skips.skipped} skipped)")
-    write_json(data.imagenet_classes_file(), {"root": str(root), "class_names": list(class_names)})
+    save_folder_class_names(data.imagenet_classes_file(), root, class_names)
     return {
         "images": skips.good,
         "shards": len(shards),
@@ -138,11 +148,3 @@ def prepare_image_folder(data: DataConfig, *, progress: bool = True) -> dict:
         "per_class": per_class,
         "skipped": skips.as_dict(),
     }
-
-
-def imagenet_class_names(data: DataConfig) -> tuple[str, ...]:
-    """The class names ``prepare`` stored for the ImageNet-style folder, in label order."""
-    path = data.imagenet_classes_file()
-    if not path.is_file():
-        raise InputError(f"{path} is missing: run the prepare stage with data.imagenet_dir set")
-    return tuple(json.loads(path.read_text())["class_names"])

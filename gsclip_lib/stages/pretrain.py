@@ -29,25 +29,14 @@ from open_clip import ClipLoss
 
 from gsclip_lib import distributed
 from gsclip_lib.data.image_decoding import IMAGE_EXTENSIONS
-from gsclip_lib.data.image_text_shards import ImageTextShards, ShardSpec, SkipCounts, collate_image_text
-from gsclip_lib.data.streaming import StreamPlan, SkipTally, check_enough_shards, epoch_batches, rank_steps_per_epoch
-from gsclip_lib.errors import InputError
+from gsclip_lib.data.image_text_shards import ImageTextShards, collate_image_text
+from gsclip_lib.data.skip_counts import SkipCounts
+from gsclip_lib.data.streaming import CountedEpochs, SkipTally, steps_every_rank_fills, stream_plan
 from gsclip_lib.models.rgb_clip import create_rgb_clip, save_rgb_clip
-from gsclip_lib.params import DataConfig, LoaderConfig, OptimConfig, Params, PretrainConfig, RgbModelConfig
-from gsclip_lib.stages.runner import StageResult
+from gsclip_lib.params import DataConfig, Params, PretrainConfig, RgbModelConfig
+from gsclip_lib.pipeline.runner import StageResult
 from gsclip_lib.training.loop import train
 from gsclip_lib.training.objectives import clamp_logit_scale, clip_loss_fn
-
-
-def image_text_stream(spec: ShardSpec, data: DataConfig, optim: OptimConfig, loader: LoaderConfig, *,
-                      rank: int, world_size: int) -> tuple[StreamPlan, ImageTextShards]:
-    """How this rank streams the training pairs: the plan of its epochs and the sample decoder."""
-    reader = ImageTextShards(spec, image_size=data.image_size, resize_mode=data.resize_mode, channels=data.channels,
-                             rank=rank, world_size=world_size)
-    check_enough_shards(reader.shards, world_size, loader.num_workers, f"pretrain shards {spec!r}")
-    plan = StreamPlan(shards=tuple(reader.shards), batch_size=optim.batch_size, seed=optim.seed, rank=rank,
-                      world_size=world_size, num_workers=loader.num_workers, shuffle_buffer=loader.shuffle_buffer)
-    return plan, reader
 
 
 def pretrain_rgb(model_config: RgbModelConfig, config: PretrainConfig, data: DataConfig, *,
@@ -61,24 +50,23 @@ def pretrain_rgb(model_config: RgbModelConfig, config: PretrainConfig, data: Dat
     """
     rank, world_size = distributed.rank_and_world_size()
     optim = config.optim
-    torch.manual_seed(optim.seed)  # the same initial weights on every rank and every run
-    clip = create_rgb_clip(model_config)
-    plan, reader = image_text_stream(data.train_spec(), data, optim, config.loader, rank=rank, world_size=world_size)
-    local_steps = rank_steps_per_epoch(plan, IMAGE_EXTENSIONS, config.loader.samples_per_epoch)
-    steps_per_epoch = distributed.all_reduce_min(local_steps)
-    if steps_per_epoch < 1:
-        raise InputError(
-            f"a rank of {world_size} holds fewer samples than one batch of {optim.batch_size} in "
-            f"{data.train_spec()!r}; lower pretrain.optim.batch_size or use more data"
-        )
+    with torch.random.fork_rng(devices=[]):  # the same initial weights on every rank and every run
+        torch.manual_seed(optim.seed)
+        clip = create_rgb_clip(model_config)
+    spec = data.train_spec()
+    reader = ImageTextShards(spec, image_size=data.image_size, resize_mode=data.resize_mode, channels=data.channels,
+                             rank=rank, world_size=world_size)
+    plan = stream_plan(reader.shards, optim, config.loader, rank=rank, world_size=world_size,
+                       what=f"pretrain shards {spec!r}")
+    steps_per_epoch = steps_every_rank_fills(plan, IMAGE_EXTENSIONS, config.loader.samples_per_epoch,
+                                             what=repr(spec), batch_setting="pretrain.optim.batch_size")
     skips = SkipTally()
     loss = ClipLoss(local_loss=False, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world_size)
     started = time.perf_counter()
     result = train(
         clip.model,
         clip_loss_fn(clip, loss),
-        lambda epoch, start: skips.counted(epoch, epoch_batches(plan, reader.decode_sample, collate_image_text,
-                                                                 epoch, start)),
+        CountedEpochs(plan, reader.decode_sample, collate_image_text, skips),
         steps_per_epoch,
         optim,
         config.checkpoint_dir,

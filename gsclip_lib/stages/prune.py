@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,39 +29,37 @@ import torch
 from torch import Tensor
 
 from gsclip_lib import distributed
-from gsclip_lib.data.image_text_shards import ImageTextShards, expand_shard_spec
+from gsclip_lib.atomic_files import finite_or_none
+from gsclip_lib.data.image_text_shards import ImageTextShards
+from gsclip_lib.data.resumable_shards import (
+    ShardStats,
+    batched,
+    convert_shards,
+    group_by_shape,
+    level_metrics,
+    reset_if_changed,
+    skipped_total,
+)
 from gsclip_lib.data.splat_shards import (
     SplatSample,
     SplatShards,
     SplatShardWriter,
     collate_splats,
-    open_splat_shard,
     shards_of_this_rank,
-    splat_shard_name,
     splat_dataset,
 )
+from gsclip_lib.data.tar_shards import expand_shard_spec
 from gsclip_lib.errors import InputError
 from gsclip_lib.params import DataConfig, FitSettings, Params, level_name
-from gsclip_lib.progress import progress_bar, report
+from gsclip_lib.pipeline.dependencies import code_fingerprint
+from gsclip_lib.pipeline.runner import StageResult
+from gsclip_lib.progress import report
 from gsclip_lib.splats.codec import CodecError, decode_batch, encode_splats, payload_bytes
-from gsclip_lib.splats.fitting import fit_splats
-from gsclip_lib.splats.pruning import SCORES, keep_best, prune_score
+from gsclip_lib.splats.container import Splats
+from gsclip_lib.splats.fitting import FitResult, fit_splats
+from gsclip_lib.splats.pruning import SCORES, prune
 from gsclip_lib.splats.quality import psnr
 from gsclip_lib.splats.render import render_splats
-from gsclip_lib.atomic_files import write_json
-from gsclip_lib.stages.dependencies import code_fingerprint
-from gsclip_lib.stages.fit import (
-    SplatShardStats,
-    batched,
-    finished_shard_stats,
-    finite_or_none,
-    group_by_shape,
-    level_metrics,
-    reset_if_changed,
-    skipped_total,
-    stats_path,
-)
-from gsclip_lib.stages.runner import StageResult
 
 logger = logging.getLogger(__name__)
 
@@ -85,128 +82,129 @@ class SourceImages:
         return None
 
 
-def prune_split(
-    fitted_dir: Path,
-    out_dir: Path,
-    target_count: int,
-    settings: FitSettings,
-    score: str,
-    batch_size: int,
-    image_spec: str,
-    data: DataConfig,
-    *,
-    device: torch.device | str = "cpu",
-    progress: bool = True,
-) -> SplatShardStats:
-    """Prune (and refit) this rank's splat shards of ``fitted_dir`` to ``target_count`` splats."""
-    if score not in SCORES:
-        raise InputError(f"unknown prune score {score!r}; choose one of {SCORES}")
-    start = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    image_shards = {os.path.basename(url): url for url in expand_shard_spec(image_spec)}
-    stats = SplatShardStats()
-    for splat_shard in progress_bar(shards_of_this_rank(str(fitted_dir)), desc=f"prune to {level_name(target_count)}",
-                                    disable=not progress):
-        final = out_dir / splat_shard_name(splat_shard)
-        finished = finished_shard_stats(final)
-        if finished is not None:
-            stats.merge(finished)
-            stats.shards_skipped += 1
-            continue
-        reader = SplatShards([splat_shard], rank=0, world_size=1, split_by_worker=False)
-        images: SourceImages | None = None
-        shard = SplatShardStats()
-        with open_splat_shard(final) as writer:
-            for batch in batched(reader, batch_size):
-                if images is None:
-                    images = _source_images(batch[0], image_shards, data)
-                _prune_and_write(batch, writer, target_count, settings, score, images, device, shard)
-            shard.skip_counts = reader.skip_counts.copy()
-            write_json(stats_path(final), shard.shard_record())  # before the shard itself is published
-        stats.merge(shard.shard_record())
-        stats.shards_written += 1
-    stats.seconds = time.perf_counter() - start
-    return stats.summed_over_ranks()
+class SplatPruner:
+    """The prune stage's :class:`~gsclip_lib.data.resumable_shards.ShardConverter`: a splat shard of
+    the level above in, each image's ``target_count`` best splats refitted against its image out.
 
+    The source images of a shard are found from its first sample's ``source_shard`` among
+    ``image_shards`` (file name -> URL) when its first batch arrives.
+    """
 
-def _source_images(first: SplatSample, image_shards: dict[str, str], data: DataConfig) -> SourceImages:
-    source = first.metadata.get("source_shard")
-    url = image_shards.get(source)
-    if url is None:
-        logger.warning("no image shard named %r in the split's image shards; its samples are skipped", source)
-        return SourceImages(None)
-    reader = ImageTextShards(
-        [url], image_size=data.image_size, resize_mode=data.resize_mode, channels=data.channels,
-        rank=0, world_size=1, split_by_worker=False,
-    )
-    return SourceImages(reader)
+    def __init__(self, target_count: int, settings: FitSettings, score: str, image_spec: str, data: DataConfig,
+                 device: torch.device | str) -> None:
+        if score not in SCORES:
+            raise InputError(f"unknown prune score {score!r}; choose one of {SCORES}")
+        self.target_count, self.settings, self.score = target_count, settings, score
+        self.data, self.device = data, device
+        self.image_shards = {os.path.basename(url): url for url in expand_shard_spec(image_spec)}
+        self.images: SourceImages | None = None  # the current shard's source images, found at its first batch
 
+    def open_reader(self, source_shard: str) -> SplatShards:
+        self.images = None
+        return SplatShards([source_shard], rank=0, world_size=1, split_by_worker=False)
 
-def _prune_and_write(
-    batch: list[SplatSample],
-    writer: SplatShardWriter,
-    target_count: int,
-    settings: FitSettings,
-    score: str,
-    source: SourceImages,
-    device: torch.device | str,
-    stats: SplatShardStats,
-) -> None:
-    outputs: list[tuple[bytes, int, float] | None] = [None] * len(batch)
-    images: list[Tensor | None] = [source.take(sample.key) for sample in batch]
-    shapes = [(sample.splats.channels, sample.height, sample.width) for sample in batch]
-    for (channels, height, width), positions in group_by_shape(shapes).items():
-        found = [i for i, p in enumerate(positions) if images[p] is not None]
-        stats.no_source_image += len(positions) - len(found)
-        if not found:
-            continue
-        splats, _, _ = decode_batch([batch[positions[i]].record for i in found])
-        stack = torch.stack([images[positions[i]] for i in found]).to(device)
-        if tuple(stack.shape[1:]) != (channels, height, width):
-            raise InputError(
-                f"the source images are {tuple(stack.shape[1:])}, the splats describe {(channels, height, width)}: "
-                "data.image_size, data.channels and data.resize_mode must be those the splats were fitted with"
-            )
-        splats = splats.to(device)
-        pruned = keep_best(splats, prune_score(splats, score, height, width, settings.cutoff, settings.backend),
-                           target_count)
-        with torch.no_grad():  # what pruning alone keeps, before the colours are re-solved and refitted
-            kept = psnr(stack, render_splats(pruned, height, width, backend=settings.backend, cutoff=settings.cutoff))
-        stats.psnr_pruned_sum += float(kept[torch.isfinite(kept)].sum())
-        stats.psnr_pruned_count += int(torch.isfinite(kept).sum())
-        result = fit_splats(stack, target_count, settings, initial=pruned, progress=False, description="refit")
+    def source_images(self, first: SplatSample) -> SourceImages:
+        source = first.metadata.get("source_shard")
+        url = self.image_shards.get(source)
+        if url is None:
+            logger.warning("no image shard named %r in the split's image shards; its samples are skipped", source)
+            return SourceImages(None)
+        data = self.data
+        return SourceImages(ImageTextShards([url], image_size=data.image_size, resize_mode=data.resize_mode,
+                                            channels=data.channels, rank=0, world_size=1, split_by_worker=False))
+
+    def prune_and_refit(self, splats: Splats, images: Tensor, stats: ShardStats) -> FitResult:  # images [B, C, H, W]
+        """Keep the best ``target_count`` splats of each image, then refit them; counts the PSNR that
+        pruning alone keeps (before the colours are re-solved and refitted)."""
+        height, width = images.shape[-2:]
+        settings = self.settings
+        pruned = prune(splats, self.target_count, self.score, height, width, settings)
+        with torch.no_grad():
+            kept = psnr(images, render_splats(pruned, height, width, backend=settings.backend, cutoff=settings.cutoff))
+        stats.add("psnr_pruned_sum", float(kept[torch.isfinite(kept)].sum()))
+        stats.add("psnr_pruned_count", int(torch.isfinite(kept).sum()))
+        result = fit_splats(images, self.target_count, settings, initial=pruned, progress=False, description="refit")
         stats.fit_seconds += result.seconds
-        refitted = result.splats.to("cpu")
-        dropped = set(result.dropped)
-        for index, i in enumerate(found):
-            if index in dropped:
-                stats.dropped_fits += 1
+        return result
+
+    def refit_records(self, batch: list[SplatSample], stats: ShardStats) -> list[tuple[bytes, int, float] | None]:
+        """Each sample's ``(record, splats kept, PSNR)``, or None where it has no image or its fit was dropped."""
+        outputs: list[tuple[bytes, int, float] | None] = [None] * len(batch)
+        images: list[Tensor | None] = [self.images.take(sample.key) for sample in batch]
+        shapes = [(sample.splats.channels, sample.height, sample.width) for sample in batch]
+        for shape, positions in group_by_shape(shapes).items():
+            found = [p for p in positions if images[p] is not None]
+            stats.add("no_source_image", len(positions) - len(found))
+            if not found:
                 continue
-            try:
-                record = encode_splats(refitted, index, height, width)
-            except CodecError as error:
-                logger.warning("dropping %s: its splats cannot be stored (%s)", batch[positions[i]].key, error)
-                stats.dropped_fits += 1
+            stack = torch.stack([images[p] for p in found]).to(self.device)
+            if tuple(stack.shape[1:]) != shape:
+                raise InputError(
+                    f"the source images are {tuple(stack.shape[1:])}, the splats describe {shape}: "
+                    "data.image_size, data.channels and data.resize_mode must be those the splats were fitted with"
+                )
+            splats, _, _ = decode_batch([batch[p].record for p in found])
+            result = self.prune_and_refit(splats.to(self.device), stack, stats)
+            refitted = result.splats.to("cpu")
+            dropped = set(result.dropped)
+            for index, position in enumerate(found):
+                if index in dropped:
+                    stats.dropped_fits += 1
+                    continue
+                try:
+                    record = encode_splats(refitted, index, shape[1], shape[2])
+                except CodecError as error:
+                    logger.warning("dropping %s: its splats cannot be stored (%s)", batch[position].key, error)
+                    stats.dropped_fits += 1
+                    continue
+                outputs[position] = (record, int(refitted.valid[index].sum()), float(result.psnr[index]))
+        return outputs
+
+    def convert(self, batch: list[SplatSample], writer: SplatShardWriter, stats: ShardStats) -> None:
+        if self.images is None:
+            self.images = self.source_images(batch[0])
+        for sample, stored in zip(batch, self.refit_records(batch, stats)):
+            if stored is None:
                 continue
-            outputs[positions[i]] = (record, int(refitted.valid[index].sum()), float(result.psnr[index]))
-    for sample, stored in zip(batch, outputs):
-        if stored is None:
-            continue
-        record, count, quality = stored
-        before = sample.metadata.get("psnr")
-        if isinstance(before, (int, float)) and math.isfinite(quality):
-            stats.psnr_before_sum += before
-            stats.psnr_before_count += 1
-        metadata = dict(sample.metadata)
-        metadata.update(
-            N=count,
-            psnr=finite_or_none(quality),
-            bytes=len(record),
-            payload_bytes=payload_bytes(count, sample.splats.channels),
-            pruned_from=sample.num_splats,
-            refit_iterations=settings.iterations,
-        )
-        stats.add_sample(writer, sample.key, record, sample.caption, metadata, quality, sample.image)
+            record, count, quality = stored
+            before = sample.metadata.get("psnr")
+            if isinstance(before, (int, float)) and math.isfinite(quality):
+                stats.add("psnr_before_sum", before)
+                stats.add("psnr_before_count", 1)
+            metadata = dict(sample.metadata)
+            metadata.update(
+                N=count,
+                psnr=finite_or_none(quality),
+                bytes=len(record),
+                payload_bytes=payload_bytes(count, sample.splats.channels),
+                pruned_from=sample.num_splats,
+                refit_iterations=self.settings.iterations,
+            )
+            stats.add_sample(writer, sample.key, record, sample.caption, metadata, quality, sample.image)
+
+
+def prune_split(fitted_dir: Path, out_dir: Path, target_count: int, settings: FitSettings, score: str, batch_size: int,
+                image_spec: str, data: DataConfig, *, device: torch.device | str = "cpu",
+                progress: bool = True) -> ShardStats:
+    """Prune (and refit) this rank's splat shards of ``fitted_dir`` to ``target_count`` splats."""
+    pruner = SplatPruner(target_count, settings, score, image_spec, data, device)
+    return convert_shards(shards_of_this_rank(str(fitted_dir)), out_dir, pruner, batch_size,
+                          description=f"prune to {level_name(target_count)}", progress=progress)
+
+
+def pruned_level_metrics(stats: ShardStats, level: int, parent: int, total_steps: int, data: DataConfig) -> dict:
+    """One split's line of the prune metrics: the fit's line, and what pruning cost."""
+    row = level_metrics(stats, level, data.image_size, data.channels)
+    before = stats.mean("psnr_before_sum", "psnr_before_count")
+    row.update(
+        pruned_from=parent,
+        no_source_image=int(stats.sums.get("no_source_image", 0)),
+        mean_psnr_before=before,  # the same images at the level above
+        mean_psnr_pruned=stats.mean("psnr_pruned_sum", "psnr_pruned_count"),  # after pruning, before the refit
+        psnr_cost=before - row["mean_psnr"],
+        total_steps=total_steps,
+    )
+    return row
 
 
 def prune_cascade(params: Params, *, progress: bool = True) -> dict:
@@ -228,17 +226,8 @@ def prune_cascade(params: Params, *, progress: bool = True) -> dict:
             reset_if_changed(params.splat_dir(level, split), fingerprint)
             stats = prune_split(source, params.splat_dir(level, split), level, settings, params.prune.score,
                                 params.fit.batch_size, spec, params.data, device=device, progress=progress)
-            row = level_metrics(stats, level, params.data)
-            before = stats.psnr_before_sum / stats.psnr_before_count if stats.psnr_before_count else math.nan
-            row.update(
-                pruned_from=parent,
-                no_source_image=stats.no_source_image,
-                mean_psnr_before=before,  # the same images at the level above
-                mean_psnr_pruned=stats.psnr_pruned_sum / stats.psnr_pruned_count if stats.psnr_pruned_count
-                else math.nan,  # after pruning, before the refit
-                psnr_cost=before - row["mean_psnr"],
-                total_steps=params.fit.optimizer.iterations + params.prune.refit_iterations * position,
-            )
+            total_steps = params.fit.optimizer.iterations + params.prune.refit_iterations * position
+            row = pruned_level_metrics(stats, level, parent, total_steps, params.data)
             level_metrics_by_split[split] = row
         metrics["levels"][level_name(level)] = level_metrics_by_split
         parent = level

@@ -28,7 +28,7 @@ from open_clip.loss import ClipLoss
 from torch import Tensor, nn
 
 from gsclip_lib import distributed
-from gsclip_lib.data.image_text_shards import SkipCounts
+from gsclip_lib.data.skip_counts import SkipCounts
 from gsclip_lib.data.splat_shards import PairedSample
 from gsclip_lib.models.splat_clip import SplatClip
 from gsclip_lib.models.splat_encoder import SplatImageEncoder, teacher_block_inputs
@@ -108,21 +108,31 @@ def relative_token_error(tokens: Tensor, targets: Tensor) -> Tensor:  # [B, T, W
     return (tokens - targets).pow(2).sum(-1) / targets.pow(2).sum(-1).clamp_min(1e-12)
 
 
-class TokenDistillationObjective(nn.Module):
-    """Stage 1 with ``align.distill_target: tokens``: the student's block inputs (CLS and K latents,
-    after ``norm_pre``) against the teacher's (:func:`teacher_tokens`), mean relative squared error.
-
-    The frozen blocks are not run: the student learns to write what they are used to reading, and
-    the blocks then carry it to the embedding as they do for the teacher.
-    """
+class _Distillation(nn.Module):
+    """Stage 1's frame: ``forward(batch) -> (loss, metrics)`` with the batch on the student's device;
+    a subclass says what the student is matched to in ``distillation_loss``."""
 
     def __init__(self, student: SplatImageEncoder) -> None:
         super().__init__()
         self.student = student
 
     def forward(self, batch: AlignBatch) -> tuple[Tensor, dict[str, float]]:
-        device = self.student.class_embedding.device
-        batch = batch.to(device)
+        return self.distillation_loss(batch.to(self.student.class_embedding.device))
+
+    def distillation_loss(self, batch: AlignBatch) -> tuple[Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+
+class TokenDistillationObjective(_Distillation):
+    """Stage 1 with ``align.distill_target: tokens``: the student's block inputs (CLS and K latents,
+    after ``norm_pre``) against the teacher's (:func:`teacher_tokens`, computed for each batch),
+    mean relative squared error.
+
+    The frozen blocks are not run: the student learns to write what they are used to reading, and
+    the blocks then carry it to the embedding as they do for the teacher.
+    """
+
+    def distillation_loss(self, batch: AlignBatch) -> tuple[Tensor, dict[str, float]]:
         tokens = self.student.block_inputs(batch.splats)
         if tokens.shape != batch.targets.shape:
             raise ValueError(f"the student writes {tuple(tokens.shape)} tokens, the targets are {tuple(batch.targets.shape)}")
@@ -130,16 +140,11 @@ class TokenDistillationObjective(nn.Module):
         return loss, {"relative_error": float(loss.detach())}
 
 
-class DistillationObjective(nn.Module):
-    """Stage 1: ``forward(batch) -> (loss, metrics)``, the student against precomputed targets."""
+class DistillationObjective(_Distillation):
+    """Stage 1 with ``align.distill_target: embedding``: the student's normalized embedding against
+    the teacher's (:func:`teacher_embeddings`, computed for each batch), mean squared distance."""
 
-    def __init__(self, student: SplatImageEncoder) -> None:
-        super().__init__()
-        self.student = student
-
-    def forward(self, batch: AlignBatch) -> tuple[Tensor, dict[str, float]]:
-        device = self.student.class_embedding.device
-        batch = batch.to(device)
+    def distillation_loss(self, batch: AlignBatch) -> tuple[Tensor, dict[str, float]]:
         embeddings = F.normalize(self.student(batch.splats), dim=-1)
         squared = (embeddings - batch.targets).pow(2).sum(-1)  # [B] = 2 - 2 cos
         loss = squared.mean()

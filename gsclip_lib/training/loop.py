@@ -16,9 +16,13 @@ gives every stage the same guarantees:
   A run killed between checkpoints repeats at most ``checkpoint_every`` steps. A call whose run is
   already complete loads the final state and returns at once.
 - **A checkpoint belongs to one run.** Resuming with a different ``OptimConfig`` (any field but
-  ``log_every`` and ``checkpoint_every``), ``steps_per_epoch``, world size or set of trainable parameters would silently
-  mix two schedules, so it is refused with a ``ValueError`` that names the differences and the file
-  (delete it, or pick another ``checkpoint_dir``, to start afresh).
+  ``log_every`` and ``checkpoint_every``), ``steps_per_epoch``, world size or set of trainable
+  parameters would silently mix two schedules, so it is refused with an
+  :class:`~gsclip_lib.errors.InputError` that names the differences and the file (delete it, or pick
+  another ``checkpoint_dir``, to start afresh). A checkpoint cut short (a full disk) is refused the
+  same way, in one line that names the file.
+- **The caller's random state is left alone**: the run seeds its own generators and restores the
+  caller's on the way out (:func:`seeded_generators`).
 - **Frozen parameters stay bit-identical**: only ``requires_grad`` parameters reach the optimizer,
   and only they (with the buffers) are checkpointed.
 - **A non-finite loss stops the run** with :class:`NonFiniteLossError` naming the step; the last
@@ -33,12 +37,15 @@ gives every stage the same guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import pickle
 import random
+import zipfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -46,6 +53,7 @@ from torch import Tensor
 
 from gsclip_lib import distributed
 from gsclip_lib.atomic_files import save_torch
+from gsclip_lib.errors import InputError, positive_int
 from gsclip_lib.progress import progress_bar
 from gsclip_lib.params import OptimConfig
 
@@ -137,95 +145,195 @@ def train(
     ``after_step(model)`` runs after every optimizer step on the unwrapped model (e.g. to clamp
     CLIP's temperature). ``find_unused_parameters`` is passed to DDP for models whose forward
     leaves some trainable parameters out.
+
+    The random generators (Python's, numpy's, torch's) are seeded with ``config.seed + rank`` for the
+    run and given back to the caller as they were.
     """
-    if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
-        raise ValueError(f"steps_per_epoch must be a positive integer, got {steps_per_epoch!r}")
+    positive_int(steps_per_epoch, "steps_per_epoch")
     started = time.perf_counter()
-    rank, world_size = distributed.rank_and_world_size()
     if device is not None:
         model.to(device)
-    device = _model_device(model)
-    total_steps = config.epochs * steps_per_epoch
-    path = checkpoint_path(checkpoint_dir)
-
-    optimizer = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, config.warmup_steps))
-    _seed_everything(config.seed + rank)
-    run = _RunState()
-    if path.is_file():
-        run = _resume(path, model, optimizer, scheduler, config, steps_per_epoch, world_size, rank)
-    resumed_from_step = run.step
-
-    wrapped = model
-    if world_size > 1:
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=find_unused_parameters,
-        )
-    model.train()
-    bar = progress_bar(
-        total=total_steps, initial=run.step, desc=description, disable=not (progress and rank == 0), unit="step"
-    )
-    window = _LogWindow()
-    window.load(run.window)
-    every = config.checkpoint_every
-    try:
-        for epoch in range(run.epoch, config.epochs):
-            epoch_started = time.perf_counter()
-            start = run.step - epoch * steps_per_epoch  # > 0 when resuming a mid-epoch checkpoint
-            seconds_before = run.seconds
-            iterator = iter(batches(epoch, start))
-            for index in range(start, steps_per_epoch):
-                batch = next(iterator, _END)
-                _check_batch_available(batch is not _END, description, epoch, index, steps_per_epoch, world_size)
-                loss, metrics = loss_fn(wrapped, batch)
-                loss_value = distributed.all_reduce_mean(loss.detach().float()).item()
-                if not math.isfinite(loss_value):
-                    kept = f"{path} holds the state after step {run.saved_step}" if run.saved_step else "no checkpoint written"
-                    raise NonFiniteLossError(
-                        f"{description}: the loss is {loss_value} at step {run.step + 1} of {total_steps} "
-                        f"(epoch {epoch + 1}, batch {index + 1}); stopped, {kept}"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = None
-                if config.grad_clip > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(
-                        [p for _, p in trainable_parameters(model)], config.grad_clip
-                    ).item()
-                optimizer.step()
-                lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-                scheduler.step()
-                run.step += 1
-                if after_step is not None:
-                    after_step(model)
-                window.add(loss_value, metrics, grad_norm)
-                run.seconds = seconds_before + time.perf_counter() - epoch_started
-                # A row every log_every steps and at every epoch's end; a half-filled row is saved
-                # with a mid-epoch checkpoint, so a resumed run logs exactly what an uninterrupted one does.
-                if run.step % config.log_every == 0 or index == steps_per_epoch - 1:
-                    row = window.row(run.step, run.step / steps_per_epoch, lr)
-                    row["seconds"] = round(run.seconds, 3)
-                    run.history.append(row)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
-                bar.update(1)
-                if index == steps_per_epoch - 1:
-                    run.epoch = epoch + 1
-                if index == steps_per_epoch - 1 or (every and run.step % every == 0):
-                    _check_replicas_agree(model, description, run.step, world_size)
-                    run.window = window.state()
-                    _save_checkpoint(path, model, optimizer, scheduler, config, steps_per_epoch, world_size, rank,
-                                     run, description)
-                    run.saved_step = run.step
-    finally:
-        bar.close()
+    rank = distributed.rank_and_world_size()[0]
+    with seeded_generators(config.seed + rank):
+        training = _Training(model, config, steps_per_epoch, checkpoint_path(checkpoint_dir), description,
+                             find_unused_parameters)
+        bar = progress_bar(total=training.total_steps, initial=training.run.step, desc=description,
+                           disable=not (progress and rank == 0), unit="step")
+        try:
+            for epoch in range(training.run.epoch, config.epochs):
+                training.run_epoch(epoch, batches(epoch, training.first_batch(epoch)), loss_fn, after_step, bar)
+        finally:
+            bar.close()
     return TrainResult(
-        history=list(run.history),
-        steps=run.step,
+        history=list(training.run.history),
+        steps=training.run.step,
         seconds=time.perf_counter() - started,
-        resumed_from_step=resumed_from_step,
+        resumed_from_step=training.resumed_from_step,
     )
+
+
+@contextlib.contextmanager
+def seeded_generators(seed: int) -> Iterator[None]:
+    """Python's, numpy's and torch's generators (every CUDA device's too) seeded with ``seed`` inside
+    the block, and restored to their states before it on the way out."""
+    before = _rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        _set_rng_state(before)
+
+
+class _Training:
+    """One call of :func:`train`: the model (wrapped in DDP when there are several ranks), its
+    optimizer and schedule, the run's counters (resumed from the checkpoint when there is one) and the
+    log row being filled."""
+
+    def __init__(self, model: torch.nn.Module, config: OptimConfig, steps_per_epoch: int, path: Path,
+                 description: str, find_unused_parameters: bool) -> None:
+        self.model, self.config, self.steps_per_epoch = model, config, steps_per_epoch
+        self.path, self.description = path, description
+        self.rank, self.world_size = distributed.rank_and_world_size()
+        self.total_steps = config.epochs * steps_per_epoch
+        self.optimizer = make_optimizer(model, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_with_warmup(self.total_steps, config.warmup_steps))
+        self.run = self.resume() if path.is_file() else _RunState()
+        self.resumed_from_step = self.run.step
+        self.wrapped = model
+        if self.world_size > 1:
+            device = distributed.model_device(model)
+            self.wrapped = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=find_unused_parameters,
+            )
+        model.train()
+        self.window = _LogWindow()
+        self.window.load(self.run.window)
+
+    def first_batch(self, epoch: int) -> int:
+        """The epoch's first batch still to run: above 0 when resuming a mid-epoch checkpoint."""
+        return self.run.step - epoch * self.steps_per_epoch
+
+    def run_epoch(self, epoch: int, batches: Iterable[Any], loss_fn: Callable, after_step: Callable | None,
+                  bar: Any) -> None:
+        epoch_started = time.perf_counter()
+        seconds_before = self.run.seconds
+        iterator = iter(batches)
+        for index in range(self.first_batch(epoch), self.steps_per_epoch):
+            batch = next(iterator, _END)
+            _check_batch_available(batch is not _END, self.description, epoch, index, self.steps_per_epoch,
+                                   self.world_size)
+            loss_value, metrics, grad_norm, lr = self.step(batch, loss_fn, epoch, index)
+            if after_step is not None:
+                after_step(self.model)
+            self.run.seconds = seconds_before + time.perf_counter() - epoch_started
+            last_of_epoch = index == self.steps_per_epoch - 1
+            self.window.add(loss_value, metrics, grad_norm)
+            # A row every log_every steps and at every epoch's end; a half-filled row is saved
+            # with a mid-epoch checkpoint, so a resumed run logs exactly what an uninterrupted one does.
+            if self.run.step % self.config.log_every == 0 or last_of_epoch:
+                row = self.window.row(self.run.step, self.run.step / self.steps_per_epoch, lr)
+                row["seconds"] = round(self.run.seconds, 3)
+                self.run.history.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
+            bar.update(1)
+            if last_of_epoch:
+                self.run.epoch = epoch + 1
+            every = self.config.checkpoint_every
+            if last_of_epoch or (every and self.run.step % every == 0):
+                self.save()
+
+    def step(self, batch: Any, loss_fn: Callable, epoch: int,
+             index: int) -> tuple[float, dict[str, float], float | None, float]:
+        """One optimizer step on ``batch``: ``(loss averaged over ranks, the loss function's metrics,
+        gradient norm, learning rate)``."""
+        loss, metrics = loss_fn(self.wrapped, batch)
+        loss_value = distributed.all_reduce_mean(loss.detach().float()).item()
+        if not math.isfinite(loss_value):
+            run = self.run
+            kept = f"{self.path} holds the state after step {run.saved_step}" if run.saved_step else "no checkpoint written"
+            raise NonFiniteLossError(
+                f"{self.description}: the loss is {loss_value} at step {run.step + 1} of {self.total_steps} "
+                f"(epoch {epoch + 1}, batch {index + 1}); stopped, {kept}"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = None
+        if self.config.grad_clip > 0:
+            parameters = [p for _, p in trainable_parameters(self.model)]
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.grad_clip).item()
+        self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
+        self.scheduler.step()
+        self.run.step += 1
+        return loss_value, metrics, grad_norm, lr
+
+    def save(self) -> None:
+        """Check the replicas agree, then write the checkpoint (rank 0; every rank waits for it)."""
+        _check_replicas_agree(self.model, self.description, self.run.step, self.world_size)
+        self.run.window = self.window.state()
+        rng_states = distributed.all_gather_objects(_rng_state())  # every rank's, so each resumes its own
+        if self.rank == 0:
+            save_torch(self.checkpoint(rng_states), self.path)
+        distributed.barrier()  # nobody moves on (or resumes) before the file is complete
+        self.run.saved_step = self.run.step
+
+    def checkpoint(self, rng_states: list[dict[str, Any]]) -> dict[str, Any]:
+        """What ``last.pt`` holds: enough to continue exactly where this run is."""
+        run = self.run
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "description": self.description,
+            "optim_config": self.config.model_dump(),
+            "steps_per_epoch": self.steps_per_epoch,
+            "world_size": self.world_size,
+            "step": run.step,
+            "epoch": run.epoch,
+            "seconds": run.seconds,
+            "history": run.history,
+            "log_window": run.window,
+            "trainable": [name for name, _ in trainable_parameters(self.model)],
+            "model": _trainable_state(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_states,
+        }
+
+    def resume(self) -> _RunState:
+        """The run's state from ``last.pt``, after checking that it belongs to this run; the model,
+        optimizer, schedule and this rank's random generators are loaded from it."""
+        checkpoint = load_checkpoint(self.path)
+        differences = _differences(checkpoint, self.config, self.steps_per_epoch, self.world_size,
+                                   [name for name, _ in trainable_parameters(self.model)])
+        if differences:
+            raise InputError(
+                f"cannot resume from {self.path}: it belongs to another run ({'; '.join(differences)}). "
+                f"Delete it, or choose another checkpoint_dir, to start afresh."
+            )
+        model = self.model
+        incompatible = model.load_state_dict(checkpoint["model"], strict=False)
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+        missing = [key for key in incompatible.missing_keys if key not in frozen]
+        if missing or incompatible.unexpected_keys:
+            raise InputError(
+                f"cannot resume from {self.path}: its model state does not fit the model "
+                f"(missing {missing[:5]}, unexpected {incompatible.unexpected_keys[:5]})"
+            )
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        _set_rng_state(checkpoint["rng"][self.rank])
+        return _RunState(
+            step=checkpoint["step"],
+            epoch=checkpoint["epoch"],
+            seconds=checkpoint.get("seconds", 0.0),
+            history=list(checkpoint["history"]),
+            window=dict(checkpoint.get("log_window") or {}),
+            saved_step=checkpoint["step"],
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,7 +381,7 @@ class _LogWindow:
     def row(self, step: int, epoch: float, lr: float) -> dict:
         names = sorted(self.metrics)
         local = torch.tensor([self.metrics[name] for name in names], dtype=torch.float64)
-        if names and distributed.rank_and_world_size()[1] > 1:
+        if names and distributed.process_group_size() > 1:
             local = distributed.all_reduce_mean(local.to(distributed.collective_device())).cpu()
         row = {"step": step, "epoch": round(epoch, 4), "loss": self.loss / self.count, "lr": lr}
         if self.grad_norm:
@@ -281,12 +389,6 @@ class _LogWindow:
         row.update({name: value / self.count for name, value in zip(names, local.tolist())})
         self.reset()
         return row
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _check_batch_available(
@@ -303,12 +405,6 @@ def _check_batch_available(
             f"{description}: {who} batches(epoch={epoch}) ran out after {index} batches; "
             f"steps_per_epoch={steps_per_epoch} needs at least that many on every rank"
         )
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -342,69 +438,32 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, Tensor]:
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items() if name not in frozen}
 
 
-def _save_checkpoint(
-    path: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    config: OptimConfig,
-    steps_per_epoch: int,
-    world_size: int,
-    rank: int,
-    run: _RunState,
-    description: str,
-) -> None:
-    rng_states = distributed.all_gather_objects(_rng_state())  # every rank's, so each resumes its own
-    if rank == 0:
-        checkpoint = {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "description": description,
-            "optim_config": config.model_dump(),
-            "steps_per_epoch": steps_per_epoch,
-            "world_size": world_size,
-            "step": run.step,
-            "epoch": run.epoch,
-            "seconds": run.seconds,
-            "history": run.history,
-            "log_window": run.window,
-            "trainable": [name for name, _ in trainable_parameters(model)],
-            "model": _trainable_state(model),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_states,
-        }
-        save_torch(checkpoint, path)
-    distributed.barrier()  # nobody moves on (or resumes) before the file is complete
-
-
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A training checkpoint (``last.pt``) as saved by :func:`train`, tensors on the CPU."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(
+            f"{path} cannot be read as a training checkpoint: it is cut short or corrupt ({reason}). "
+            "Delete it to start this training stage afresh"
+        ) from error
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a training checkpoint written by gsclip_lib.training.loop.train")
+        raise InputError(f"{path} is not a training checkpoint written by gsclip_lib.training.loop.train")
     if checkpoint.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(
+        raise InputError(
             f"{path} is a training checkpoint of format version {checkpoint.get('version')}, this code reads "
             f"version {CHECKPOINT_VERSION}: delete it to start afresh"
         )
     return checkpoint
 
 
-def _resume(
-    path: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    config: OptimConfig,
-    steps_per_epoch: int,
-    world_size: int,
-    rank: int,
-) -> _RunState:
-    checkpoint = load_checkpoint(path)
+def _differences(checkpoint: dict[str, Any], config: OptimConfig, steps_per_epoch: int, world_size: int,
+                 trainable: list[str]) -> list[str]:
+    """How the run that wrote ``checkpoint`` differs from this one, in words (empty: the same run)."""
     differences = []
     saved = checkpoint["optim_config"]
     for name, value in config.model_dump().items():
@@ -414,36 +473,12 @@ def _resume(
         differences.append(f"steps_per_epoch: {checkpoint['steps_per_epoch']} in the checkpoint, {steps_per_epoch} now")
     if checkpoint["world_size"] != world_size:
         differences.append(f"world_size: {checkpoint['world_size']} in the checkpoint, {world_size} now")
-    names = [name for name, _ in trainable_parameters(model)]
-    if checkpoint["trainable"] != names:
+    if checkpoint["trainable"] != trainable:
         differences.append(
-            f"trainable parameters: {len(checkpoint['trainable'])} in the checkpoint, {len(names)} now "
-            f"(first difference: {_first_difference(checkpoint['trainable'], names)})"
+            f"trainable parameters: {len(checkpoint['trainable'])} in the checkpoint, {len(trainable)} now "
+            f"(first difference: {_first_difference(checkpoint['trainable'], trainable)})"
         )
-    if differences:
-        raise ValueError(
-            f"cannot resume from {path}: it belongs to another run ({'; '.join(differences)}). "
-            f"Delete it, or choose another checkpoint_dir, to start afresh."
-        )
-    incompatible = model.load_state_dict(checkpoint["model"], strict=False)
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-    missing = [key for key in incompatible.missing_keys if key not in frozen]
-    if missing or incompatible.unexpected_keys:
-        raise ValueError(
-            f"cannot resume from {path}: its model state does not fit the model "
-            f"(missing {missing[:5]}, unexpected {incompatible.unexpected_keys[:5]})"
-        )
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    _set_rng_state(checkpoint["rng"][rank])
-    return _RunState(
-        step=checkpoint["step"],
-        epoch=checkpoint["epoch"],
-        seconds=checkpoint.get("seconds", 0.0),
-        history=list(checkpoint["history"]),
-        window=dict(checkpoint.get("log_window") or {}),
-        saved_step=checkpoint["step"],
-    )
+    return differences
 
 
 def _first_difference(a: list[str], b: list[str]) -> str:

@@ -1,11 +1,11 @@
 """The one-command GPU check (benchmarks/gpu_check.py) without a GPU: its no-CUDA path end to end,
 its --smoke mode (the GPU part on the CPU under the Triton interpreter, tests/conftest.py sets it),
-and the helpers its figures rest on. Nothing here depends on the machine's speed."""
+and the helpers its figures rest on (the cost model has its own tests). Nothing here depends on the
+machine's speed."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -14,19 +14,8 @@ import pytest
 import torch
 
 from benchmarks import gpu_check
-from benchmarks.gpu_check import (
-    PAPER_SPLAT_COUNTS,
-    TOLERANCE,
-    check_case,
-    compare,
-    device_peaks,
-    evaluation_counts,
-    fitted_like_splats,
-    flops_backward,
-    flops_forward,
-    pass_costs,
-    roofline,
-)
+from benchmarks.gpu_check import PAPER_SPLAT_COUNTS, TOLERANCE, check_case, compare, fitted_like_splats
+from benchmarks.harness import paper_splat_counts
 
 
 def test_without_cuda_writes_the_cpu_part_and_exits_0(tmp_path) -> None:
@@ -43,12 +32,12 @@ def test_without_cuda_writes_the_cpu_part_and_exits_0(tmp_path) -> None:
     assert report["gpu"] == {"device": "an earlier GPU run", "passed": True}, "an earlier GPU section is kept"
     assert report["machine"]["cpu_count"] >= 1
     counts = {entry["num_splats"]: entry for entry in report["evaluation_counts"]}
-    assert sorted(counts) == sorted(PAPER_SPLAT_COUNTS)
+    assert PAPER_SPLAT_COUNTS == paper_splat_counts() and sorted(counts) == sorted(PAPER_SPLAT_COUNTS)
     for n, entry in counts.items():
         per_image = entry["per_image"]
-        assert per_image["dense_forward"] == per_image["dense_backward"] == n * 224 * 224
+        assert per_image["dense_forward"] == per_image["dense_backward"] == n * gpu_check.IMAGE_SIZE**2
         assert 0 < per_image["tiled_backward"] < per_image["tiled_forward"] < per_image["dense_forward"]
-        assert entry["forward_ratio_dense_over_tiled"] == pytest.approx(n * 224 * 224 / per_image["tiled_forward"])
+        assert entry["forward_ratio_dense_over_tiled"] == pytest.approx(n * gpu_check.IMAGE_SIZE**2 / per_image["tiled_forward"])
     estimates = report["roofline_estimate"]["per_count"]
     assert [e["num_splats"] for e in estimates] == list(PAPER_SPLAT_COUNTS)
     for estimate in estimates:
@@ -108,16 +97,6 @@ def test_compare_scales_the_tolerance() -> None:
     assert bad["grad_positions"]["max_abs_error"] == pytest.approx(2 * TOLERANCE, rel=1e-3)  # fp32 rounding
 
 
-def test_device_peaks_match_names_and_mark_the_fallback() -> None:
-    assert device_peaks("NVIDIA H100 80GB HBM3")["peak_bytes_per_s"] == 3.35e12
-    assert device_peaks("NVIDIA H100 PCIe")["peak_fp32_flops"] == 51e12
-    assert device_peaks("NVIDIA H200")["peak_bytes_per_s"] == 4.8e12
-    assert device_peaks("NVIDIA A100-SXM4-80GB")["table_key"] == "A100-SXM4-80GB"
-    unknown = device_peaks("Some Future GPU")
-    assert unknown["table_key"] is None and unknown["source"].startswith("FALLBACK")
-    assert unknown["peak_fp32_flops"] == device_peaks("H100")["peak_fp32_flops"]
-
-
 def test_fitted_like_splats_overlap_like_a_grid_fit() -> None:
     splats = fitted_like_splats(2, 400, 224, 224, seed=5)
     again = fitted_like_splats(2, 400, 224, 224, seed=5)
@@ -134,19 +113,3 @@ def test_fitted_like_splats_overlap_like_a_grid_fit() -> None:
     cell = 224 / 20
     offset = (splats.positions / cell - 0.5) - torch.round(splats.positions / cell - 0.5)
     assert offset.abs().max() <= 0.3 + 1e-5
-
-
-def test_costs_follow_the_counts() -> None:
-    counts = evaluation_counts(100, image_size=64, images=2, tile_size=16, cutoff=3.5)
-    per_image = counts["per_image"]
-    assert per_image["dense_forward"] == 100 * 64 * 64
-    costs = pass_costs(counts)
-    assert costs["tiled_forward"]["flops"] == per_image["tiled_forward"] * flops_forward(3)
-    assert costs["dense_backward"]["flops"] == per_image["dense_backward"] * flops_backward(3)
-    assert (flops_forward(3), flops_backward(3)) == (17, 38)
-    for cost in costs.values():
-        assert cost["bytes_requested"] >= cost["bytes_unique"] > 0
-    peaks = {"peak_fp32_flops": 1e12, "peak_bytes_per_s": math.inf}  # a pure compute roofline
-    estimate = roofline(counts, peaks, steps=10)
-    dense_seconds = (costs["dense_forward"]["flops"] + costs["dense_backward"]["flops"]) / 1e12
-    assert estimate["cache_reuse"]["dense_images_per_s"] == pytest.approx(1 / (10 * dense_seconds))

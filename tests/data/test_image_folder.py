@@ -11,7 +11,8 @@ from PIL import Image
 from gsclip_lib.data.captions import IMAGENET_CLASSNAMES
 from gsclip_lib.data.image_decoding import image_to_tensor, resize_and_center_crop, to_rgb_or_gray
 from gsclip_lib.data.image_folder import find_class_dirs, find_images, read_class_names
-from gsclip_lib.data.image_text_shards import SkipSample, decode_image
+from gsclip_lib.data.image_text_shards import decode_image
+from gsclip_lib.data.skip_counts import SkipSample
 from gsclip_lib.errors import InputError
 
 SIZE = 6  # every test image is 6x6 or has a shorter side of 6, so no resampling blurs the pixel checks
@@ -125,7 +126,7 @@ def test_grayscale_channels_and_resize(tree):
     assert image_to_tensor(Image.new("L", (3, 2), 255)).shape == (1, 2, 3)
     with pytest.raises(ValueError, match="channels must be 1"):
         to_rgb_or_gray(red, 4)
-    with pytest.raises(ValueError, match="image size must be a positive int"):
+    with pytest.raises(ValueError, match="image size must be a positive integer"):
         resize_and_center_crop(red, 0)
 
 

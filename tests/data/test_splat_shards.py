@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from gsclip_lib.data.image_text_shards import SkipCounts, list_shards, write_image_text_shards
+from gsclip_lib.data.image_text_shards import write_image_text_shards
+from gsclip_lib.data.skip_counts import SkipCounts
+from gsclip_lib.data.tar_shards import list_shards
 from gsclip_lib.data.splat_shards import (
     collate_splats,
     open_splat_shard,

@@ -105,5 +105,5 @@ def test_bad_images_are_refused(image: np.ndarray, message: str) -> None:
 
 
 def test_bad_budget_is_refused(photos: dict[str, np.ndarray]) -> None:
-    with pytest.raises(ValueError, match="budget must be positive"):
+    with pytest.raises(ValueError, match="budget must be a positive integer"):
         jpeg_at_budget(photos["coffee"], 0)

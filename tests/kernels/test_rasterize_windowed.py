@@ -198,13 +198,17 @@ def garbage_in_invalid_slots(
     return bad_positions, bad_cholesky
 
 
-# Garbage never reaches the compiled functions (the window branch gathers valid slots only, the
-# dense branch swaps in unit splats first), so the eager mode is enough here.
-@pytest.mark.parametrize("branch", ["window", "dense"])
-def test_garbage_in_invalid_slots_is_inert(
-    splat_tensors, monkeypatch: pytest.MonkeyPatch, branch: str) -> None:
+@pytest.fixture(params=["window", "dense"])
+def eager_branch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each branch in turn, eagerly. Garbage in invalid slots never reaches the compiled functions
+    (the window branch gathers valid slots only, the dense branch swaps in unit splats first), so
+    the eager mode is enough for the tests that take this."""
     monkeypatch.setenv("GSCLIP_COMPILE", EAGER)
-    force_branch(monkeypatch, branch)
+    force_branch(monkeypatch, request.param)
+    return request.param
+
+
+def test_garbage_in_invalid_slots_is_inert(splat_tensors, eager_branch: str) -> None:
     positions, cholesky, colours, valid = splat_tensors(B, N, 3, H, W, scale=(0.8, 4.0))
     bad_positions, bad_cholesky = garbage_in_invalid_slots(positions, cholesky, valid)
     cotangent = torch.randn(B, 3, H, W)
@@ -226,11 +230,7 @@ def test_garbage_in_invalid_slots_is_inert(
         torch.testing.assert_close(grad, clean_grad, rtol=0.0, atol=0.0)
 
 
-@pytest.mark.parametrize("branch", ["window", "dense"])
-def test_nan_colour_in_invalid_slot_is_inert(
-    splat_tensors, monkeypatch: pytest.MonkeyPatch, branch: str) -> None:
-    monkeypatch.setenv("GSCLIP_COMPILE", EAGER)
-    force_branch(monkeypatch, branch)
+def test_nan_colour_in_invalid_slot_is_inert(splat_tensors, eager_branch: str) -> None:
     positions, cholesky, colours, valid = splat_tensors(B, N, 3, H, W, scale=(0.8, 4.0))
     bad_colours = colours.clone()
     bad_colours[~valid] = math.nan

@@ -22,13 +22,9 @@ from gsclip_lib.training.loop import CHECKPOINT_FORMAT
 
 @pytest.fixture(scope="module")
 def scratch(defaults):
-    """``model`` as params.yaml has it, for the module's default model, from scratch: change a field."""
-    base = defaults.model(name=DEFAULT_MODEL, pretrained="", checkpoint="")
-
-    def config(**changes):
-        return base.replace(**changes)
-
-    return config
+    """``model`` as params.yaml has it, for the module's default model, from scratch; called with
+    fields to change, a copy with them changed (the config's ``replace``)."""
+    return defaults.model(name=DEFAULT_MODEL, pretrained="", checkpoint="").replace
 
 
 @pytest.fixture(scope="module")

@@ -9,22 +9,18 @@ import torch
 
 from gsclip_lib.errors import ConfigError
 from gsclip_lib.models.rgb_clip import create_rgb_clip
+from gsclip_lib.models.splat_clip import parameter_shares, text_last_block_parameters
 from gsclip_lib.models.splat_encoder import (
-    FeatureStats,
     build_splat_encoder,
-    fit_feature_statistics,
-    fourier_features,
     latent_grid_side,
     latent_positions,
     load_splat_encoder,
-    parameter_shares,
     patch_grid_size,
     pool_patch_grid,
     save_splat_encoder,
-    splat_features,
     teacher_block_inputs,
-    text_last_block_parameters,
 )
+from gsclip_lib.models.splat_features import FeatureStats, fit_feature_statistics, fourier_features, splat_features
 from gsclip_lib.splats.container import Splats
 
 SIZE = 28
@@ -41,20 +37,22 @@ def pad_with_garbage(splats: Splats, extra: int, seed: int = 1) -> Splats:
     generator = torch.Generator().manual_seed(seed)
     batch, count = splats.batch_size, splats.num_slots
     total = count + extra
-
-    def garbage(k: int) -> torch.Tensor:
-        return (torch.rand(batch, extra, k, generator=generator) - 0.5) * 1e4
-
-    positions = torch.cat([splats.positions, garbage(2)], 1)
-    cholesky = torch.cat([splats.cholesky, garbage(3)], 1)
-    colours = torch.cat([splats.colours, garbage(splats.channels)], 1)
+    positions = torch.cat([splats.positions, garbage(generator, batch, extra, 2)], 1)
+    cholesky = torch.cat([splats.cholesky, garbage(generator, batch, extra, 3)], 1)
+    colours = torch.cat([splats.colours, garbage(generator, batch, extra, splats.channels)], 1)
     valid = torch.cat([splats.valid, torch.zeros(batch, extra, dtype=torch.bool)], 1)
     order = torch.stack([torch.randperm(total, generator=generator) for _ in range(batch)])
+    return Splats(take(positions, order), take(cholesky, order), take(colours, order), torch.gather(valid, 1, order))
 
-    def take(values: torch.Tensor) -> torch.Tensor:
-        return torch.gather(values, 1, order.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
 
-    return Splats(take(positions), take(cholesky), take(colours), torch.gather(valid, 1, order))
+def garbage(generator: torch.Generator, batch: int, extra: int, k: int) -> torch.Tensor:
+    """``[batch, extra, k]`` large random values, drawn from ``generator``."""
+    return (torch.rand(batch, extra, k, generator=generator) - 0.5) * 1e4
+
+
+def take(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The slots of ``values`` ``[B, N, k]`` in the per-image ``order`` ``[B, N]``."""
+    return torch.gather(values, 1, order.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
 
 
 @pytest.fixture(scope="module")
@@ -260,24 +258,28 @@ def test_teacher_ln_is_a_trainable_copy(rgb, stats, defaults, splats_in_image):
     assert all(torch.equal(b, p) for b, p in zip(before, ln_pre.parameters()))
 
 
+def corner_splats(colour: float) -> Splats:
+    """Two splats: one in the top-left corner, one of colour ``colour`` in the bottom-right corner."""
+    positions = torch.tensor([[[2.0, 2.0], [26.0, 26.0]]])
+    cholesky = torch.tensor([[[1.5, 0.0, 1.5], [1.5, 0.0, 1.5]]])
+    colours = torch.tensor([[[0.8], [colour]]])
+    return Splats.from_tensors(positions, cholesky, colours)
+
+
+def top_left_change(rgb, stats, defaults, locality_width: float) -> float:
+    """How much the top-left latent moves when the bottom-right splat changes colour (relative)."""
+    config = defaults.encoder(latents="teacher_grid", num_latents=16, locality_width=locality_width)
+    encoder = build_splat_encoder(rgb, config, stats, SIZE)
+    with torch.no_grad():
+        first, second = (encoder.block_inputs(corner_splats(c))[0, 1] for c in (0.0, 1.0))  # latent 0: top left
+    return float((first - second).norm() / first.norm())
+
+
 def test_the_locality_bias_keeps_latents_on_their_own_splats(rgb, stats, defaults):
     """With a narrow bias, a latent in the top-left corner hardly notices a splat in the bottom-right
     corner; without it, it does."""
-    def corner_splats(colour: float) -> Splats:
-        positions = torch.tensor([[[2.0, 2.0], [26.0, 26.0]]])
-        cholesky = torch.tensor([[[1.5, 0.0, 1.5], [1.5, 0.0, 1.5]]])
-        colours = torch.tensor([[[0.8], [colour]]])
-        return Splats.from_tensors(positions, cholesky, colours)
-
-    def top_left_change(locality_width: float) -> float:
-        config = defaults.encoder(latents="teacher_grid", num_latents=16, locality_width=locality_width)
-        encoder = build_splat_encoder(rgb, config, stats, SIZE)
-        with torch.no_grad():
-            first, second = (encoder.block_inputs(corner_splats(c))[0, 1] for c in (0.0, 1.0))  # latent 0: top left
-        return float((first - second).norm() / first.norm())
-
-    assert top_left_change(0.05) < 1e-4
-    assert top_left_change(0.0) > 1e-3
+    assert top_left_change(rgb, stats, defaults, 0.05) < 1e-4
+    assert top_left_change(rgb, stats, defaults, 0.0) > 1e-3
 
 
 def test_locality_and_token_distillation_need_the_grid(defaults):

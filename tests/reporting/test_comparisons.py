@@ -9,33 +9,35 @@ from gsclip_lib.reporting import comparisons
 IMAGES = 1000
 
 
+def _ranked(rng: np.random.Generator, accuracy: float) -> np.ndarray:
+    """0/1 hits over the images, exactly ``accuracy`` of them 1, at places drawn from ``rng``."""
+    hits = np.zeros(IMAGES, dtype=np.int8)
+    hits[rng.permutation(IMAGES)[: int(round(accuracy * IMAGES))]] = 1
+    return hits
+
+
 def _hits(rgb: float, tower: dict[str, float], back: dict[str, float], thumb: dict[str, float], seed: int = 0):
     """Per-image 0/1 hits with exactly the given accuracies, each representation's errors drawn apart."""
     rng = np.random.default_rng(seed)
     columns = {"key": [f"k{i}" for i in range(IMAGES)]}
-
-    def ranked(accuracy: float) -> np.ndarray:
-        hits = np.zeros(IMAGES, dtype=np.int8)
-        hits[rng.permutation(IMAGES)[: int(round(accuracy * IMAGES))]] = 1
-        return hits
-
-    columns["rgb"] = ranked(rgb)
+    columns["rgb"] = _ranked(rng, rgb)
     for level in tower:
-        columns[level] = ranked(tower[level])
-        columns[f"{level} render_back"] = ranked(back[level])
-        columns[f"thumbnail {level}"] = ranked(thumb[level])
+        columns[level] = _ranked(rng, tower[level])
+        columns[f"{level} render_back"] = _ranked(rng, back[level])
+        columns[f"thumbnail {level}"] = _ranked(rng, thumb[level])
     return pd.DataFrame(columns)
 
 
-def _scores(hits: pd.DataFrame, levels: dict[str, tuple[int, float]]) -> dict:
-    def result(column):
-        return {"top1": float(hits[column].mean()), "top5": 0.99, "images": IMAGES}
+def _result(hits: pd.DataFrame, column: str) -> dict:
+    return {"top1": float(hits[column].mean()), "top5": 0.99, "images": IMAGES}
 
-    scores = {"rgb": {**result("rgb"), "source_bytes": 784}, "levels": {}, "baselines": []}
+
+def _scores(hits: pd.DataFrame, levels: dict[str, tuple[int, float]]) -> dict:
+    scores = {"rgb": {**_result(hits, "rgb"), "source_bytes": 784}, "levels": {}, "baselines": []}
     for name, (splats, ratio) in levels.items():
-        scores["levels"][name] = {**result(name), "splats": splats, "payload_bytes": 12 * splats,
-                                  "ratio_payload": ratio, "render_back": result(f"{name} render_back")}
-        scores["baselines"].append({**result(f"thumbnail {name}"), "method": "thumbnail", "level": name,
+        scores["levels"][name] = {**_result(hits, name), "splats": splats, "payload_bytes": 12 * splats,
+                                  "ratio_payload": ratio, "render_back": _result(hits, f"{name} render_back")}
+        scores["baselines"].append({**_result(hits, f"thumbnail {name}"), "method": "thumbnail", "level": name,
                                     "mean_bytes": 12.0 * splats, "over_budget_images": 0})
     scores["baselines"].append({"top1": 0.84, "top5": 0.99, "images": IMAGES, "method": "jpeg", "level": "N3",
                                 "mean_bytes": 199.0, "over_budget_images": IMAGES})

@@ -23,7 +23,7 @@ from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
-from gsclip_lib.reporting import figures, paper, splat_figures
+from gsclip_lib.reporting import figures, paper, splat_figures, zero_shot_figures
 
 LEVELS = {"N22": (22, 2.97), "N11": (11, 5.94), "N6": (6, 10.89), "N3": (3, 21.78)}
 SOURCE_BYTES = 784
@@ -139,11 +139,11 @@ FIGURES: dict[str, Callable[[], Figure]] = {
     "psnr_history": lambda: figures.plot_psnr_history(psnr_history()),
     "photo_findings": lambda: figures.plot_photo_findings(photo_table()),
     "captioned_samples": lambda: figures.plot_captioned_samples(samples()),
-    "zero_shot": lambda: figures.plot_zero_shot_against_ratio(scores(), title="Zero-shot top-1 against compression (eval)"),
-    "relative_accuracy": lambda: figures.plot_relative_accuracy(
+    "zero_shot": lambda: zero_shot_figures.plot_zero_shot_against_ratio(scores(), title="Zero-shot top-1 against compression (eval)"),
+    "relative_accuracy": lambda: zero_shot_figures.plot_relative_accuracy(
         scores(), paper.RELATIVE_ZERO_SHOT, title="(c) Relative zero-shot accuracy against compression (eval)"),
-    "tower_differences": lambda: figures.plot_tower_differences(comparisons(), title="(d) tower minus the others (eval)"),
-    "relative_against_paper": lambda: figures.plot_relative_against_paper(relative_rows()),
+    "tower_differences": lambda: zero_shot_figures.plot_tower_differences(comparisons(), title="(d) tower minus the others (eval)"),
+    "relative_against_paper": lambda: zero_shot_figures.plot_relative_against_paper(relative_rows()),
     "training_curves": lambda: figures.plot_training_curves(
         {name: [{"step": s, "loss": 3 / (1 + s)} for s in range(50)]
          for name in ("pretrain RGB CLIP", "align stage 1 (distillation from the RGB teacher) N22", "align stage 2 N22",
@@ -198,9 +198,9 @@ EDGE_CASES: dict[str, Callable[[], Figure]] = {
         photo_table()[lambda t: t.photo == "photo 0"].assign(psnr_random_init=math.nan)),
     "one photo, no pruned fit": lambda: figures.plot_psnr_against_size(
         photo_table()[lambda t: t.photo == "photo 0"].assign(psnr_pruned_from_larger=math.nan)),
-    "no baselines": lambda: figures.plot_zero_shot_against_ratio({**scores(), "baselines": []}),
-    "no paper value": lambda: figures.plot_relative_against_paper([{**row, "paper": None} for row in relative_rows()]),
-    "one level, one representation": lambda: figures.plot_tower_differences(comparisons(("JPEG",))[:1]),
+    "no baselines": lambda: zero_shot_figures.plot_zero_shot_against_ratio({**scores(), "baselines": []}),
+    "no paper value": lambda: zero_shot_figures.plot_relative_against_paper([{**row, "paper": None} for row in relative_rows()]),
+    "one level, one representation": lambda: zero_shot_figures.plot_tower_differences(comparisons(("JPEG",))[:1]),
     "stage times alone, one of 0 s": lambda: figures.plot_stage_times({"prepare": 0.0, "fit": 12.0}),
     "no training history": lambda: figures.plot_training_curves({"pretrain": []}),
 }
@@ -284,10 +284,10 @@ def test_tower_differences_fill_by_interval(made: dict[str, Figure]) -> None:
 
 
 def test_absent_methods_leave_no_legend_entry() -> None:
-    labels = legend_labels(drawn(figures.plot_tower_differences(comparisons(("rendered back", "thumbnail")))))
+    labels = legend_labels(drawn(zero_shot_figures.plot_tower_differences(comparisons(("rendered back", "thumbnail")))))
     assert "minus rendered back" in labels and "minus thumbnail" in labels
     assert not any("JPEG" in label or "RGB pixels" in label for label in labels)
-    labels = legend_labels(drawn(figures.plot_zero_shot_against_ratio(scores(methods=("thumbnail",)))))
+    labels = legend_labels(drawn(zero_shot_figures.plot_zero_shot_against_ratio(scores(methods=("thumbnail",)))))
     assert not any("JPEG" in label for label in labels)
     assert any("thumbnail" in label for label in labels)
 

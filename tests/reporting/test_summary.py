@@ -1,4 +1,4 @@
-"""The report stage's view of all metrics: collection, the results table, times and throughput."""
+"""The report page's view of all metrics: collection, training curves, stage times and throughput."""
 
 import pytest
 

@@ -140,7 +140,7 @@ def test_invalid_slots_are_dropped_and_not_counted(random_splats) -> None:
     assert batch.num_slots == 40
     assert batch.counts().tolist() == valid.sum(1).tolist()
     torch.testing.assert_close(
-        batch.compact().colours[batch.compact().valid],
+        batch.colours[batch.valid],
         splats.colours[valid].half().float(),
     )
     # Padding slots must not poison a render that multiplies by the mask (0 * NaN = NaN).

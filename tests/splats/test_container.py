@@ -67,12 +67,18 @@ def test_splat_tensors_must_agree():
     positions, cholesky, colours = torch.rand(2, 5, 2), torch.rand(2, 5, 3), torch.rand(2, 5, 3)
     with pytest.raises(ValueError, match=r"positions must be \[B, N, 2\]"):
         Splats.from_tensors(torch.rand(2, 5, 3), cholesky, colours)
-    with pytest.raises(ValueError, match="disagree on"):
+    with pytest.raises(ValueError, match=r"cholesky must be \[B, N, 3\] = \(2, 5, 3\), got \(2, 4, 3\)"):
         Splats.from_tensors(positions, torch.rand(2, 4, 3), colours)
-    with pytest.raises(ValueError, match="valid mask must be a bool"):
+    with pytest.raises(ValueError, match=r"colours must be \[B, N, C\] with \[B, N\] = \(2, 5\)"):
+        Splats.from_tensors(positions, cholesky, torch.rand(3, 5, 3))
+    with pytest.raises(ValueError, match="valid must be a bool"):
         Splats(positions, cholesky, colours, torch.ones(2, 5))
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match=r"positions must be \[B, N, 2\], got \(5, 2\)"):
         Splats.from_tensors(torch.rand(5, 2), cholesky, colours)
+    with pytest.raises(ValueError, match="colours must be a floating-point tensor"):
+        Splats.from_tensors(positions, cholesky, torch.ones(2, 5, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="cholesky must be a torch.Tensor"):
+        Splats(positions, [[1.0, 0.0, 1.0]], colours, torch.ones(2, 5, dtype=torch.bool))
 
 
 @pytest.mark.parametrize(
@@ -99,15 +105,3 @@ def test_render_rejects_bad_sizes_and_backends():
         render_splats(splats, 12, 10, backend="opengl")
     with pytest.raises(ValueError, match="unknown splat init"):
         initialize_splats(_images(), 4, "kmeans", seed=0)
-
-
-def test_compact_moves_valid_splats_first_and_keeps_order():
-    positions = torch.arange(12.0).reshape(1, 6, 2)
-    splats = Splats.from_tensors(positions, torch.ones(1, 6, 3), torch.rand(1, 6, 1))
-    splats = splats.with_valid(torch.tensor([[False, True, False, True, True, False]]))
-    packed = splats.compact()
-    assert packed.num_slots == 3
-    assert packed.valid.all()
-    torch.testing.assert_close(packed.positions[0, :, 0], torch.tensor([2.0, 6.0, 8.0]))
-    with pytest.raises(ValueError, match="more than num_slots"):
-        splats.compact(2)

@@ -10,11 +10,14 @@ import pytest
 import torch
 import webdataset as wds
 
-from gsclip_lib.data.image_text_shards import SkipSample, encode_image, expand_shard_spec, iter_tar_samples, SkipCounts, write_image_text_shards
+from gsclip_lib.data.image_text_shards import encode_image, write_image_text_shards
+from gsclip_lib.data.skip_counts import SkipCounts, SkipSample
+from gsclip_lib.data.tar_shards import expand_shard_spec, iter_tar_samples
 from gsclip_lib.data.splat_shards import PairedDecoder
 from gsclip_lib.errors import InputError
 from gsclip_lib.models.splat_clip import SplatClip, TextTower, load_splat_clip
-from gsclip_lib.models.splat_encoder import build_splat_encoder, fit_feature_statistics
+from gsclip_lib.models.splat_encoder import build_splat_encoder
+from gsclip_lib.models.splat_features import fit_feature_statistics
 from gsclip_lib.splats.codec import encode_splats
 from gsclip_lib.splats.initialization import init_grid
 from gsclip_lib.stages import align as align_stage

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import gsclip_lib.stages.fit as fit_stage
-from gsclip_lib.data.image_text_shards import ImageTextShards, list_shards, write_image_text_shards
+from gsclip_lib.data.image_text_shards import ImageTextShards, write_image_text_shards
+from gsclip_lib.data.tar_shards import list_shards
 from gsclip_lib.data.splat_shards import splat_dataset, verify_splat_shard
 from gsclip_lib.errors import InputError
 from gsclip_lib.stages import fit, prepare

@@ -8,6 +8,7 @@ from PIL import Image
 
 from gsclip_lib.data.image_text_shards import ImageTextShards
 from gsclip_lib.errors import InputError
+from gsclip_lib.evaluation.class_prompts import folder_class_names
 from gsclip_lib.stages import prepare
 
 
@@ -49,7 +50,7 @@ def test_image_folder_becomes_a_split(fashion_mnist, defaults, tmp_path):
     folder = prepare.run(params, progress=False).metrics["splits"]["imagenet"]
     assert folder["images"] == 6 and folder["classes"] == 3 and folder["per_class"] == [2, 2, 2]
     assert folder["skipped"]["truncated_image"] + folder["skipped"]["undecodable_image"] == 1
-    assert prepare.imagenet_class_names(params.data) == ("ankle boot", "bag", "coat")
+    assert folder_class_names(params.data.imagenet_classes_file()) == ("ankle boot", "bag", "coat")
     samples = list(ImageTextShards(params.data.imagenet_shards(), image_size=28, channels=1))
     assert [s.label for s in samples] == [0, 0, 1, 1, 2, 2]
     assert samples[0].caption == "a photo of a ankle boot." and all(s.image.shape == (1, 28, 28) for s in samples)
@@ -59,4 +60,4 @@ def test_image_folder_becomes_a_split(fashion_mnist, defaults, tmp_path):
     assert "imagenet" not in prepare.run(plain, progress=False).metrics["splits"]
     assert not list((tmp_path / "shards").glob("imagenet*"))
     with pytest.raises(InputError, match="run the prepare stage"):
-        prepare.imagenet_class_names(params.data)
+        folder_class_names(params.data.imagenet_classes_file())

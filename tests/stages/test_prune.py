@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from gsclip_lib.data.image_text_shards import list_shards, write_image_text_shards
+from gsclip_lib.data.image_text_shards import write_image_text_shards
+from gsclip_lib.data.tar_shards import list_shards
 from gsclip_lib.errors import InputError
 from gsclip_lib.splats.codec import decode_splats, record_bytes
-from gsclip_lib.splats.pruning import keep_best, prune_by_luminance, prune_score
+from gsclip_lib.splats.pruning import keep_best, luminance_score, prune_score
 from gsclip_lib.stages import fit as fit_stage
 from gsclip_lib.stages import prune
 
@@ -56,10 +57,10 @@ def test_pruned_levels_keep_the_brightest_splats(fitted, target, shard_samples):
     keep_only = settings.replace(iterations=0, colour_solve="none")
     stats = prune.prune_split(root / "gs16", root / f"gs{target}", target, keep_only, "luminance", 3,
                               str(root / "images"), data, progress=False)
-    assert (stats.shards_written, stats.images, stats.no_source_image) == (3, 10, 0)
-    assert np.isfinite(stats.mean_psnr) and stats.psnr_before_count == 10 == stats.psnr_pruned_count
+    assert (stats.shards_written, stats.images, stats.sums["no_source_image"]) == (3, 10, 0)
+    assert np.isfinite(stats.mean_psnr) and stats.sums["psnr_before_count"] == 10 == stats.sums["psnr_pruned_count"]
     # Without a refit the stored PSNR is that of the pruned splats.
-    assert stats.psnr_pruned_sum / stats.psnr_pruned_count == pytest.approx(stats.mean_psnr, abs=0.05)
+    assert stats.mean("psnr_pruned_sum", "psnr_pruned_count") == pytest.approx(stats.mean_psnr, abs=0.05)
     level = {}
     for path in list_shards(root / f"gs{target}"):
         level.update(shard_samples(path))
@@ -71,7 +72,8 @@ def test_pruned_levels_keep_the_brightest_splats(fitted, target, shard_samples):
         assert meta["bytes"] == len(record) == record_bytes(target, 3) < parent_meta["bytes"]
         assert meta["label"] == parent_meta["label"] and meta["source_key"] == key and np.isfinite(meta["psnr"])
         assert images[key] == parent_images[key] and images[key].startswith(b"\x89PNG")  # carried on, as stored
-        expected = prune_by_luminance(decode_splats(parent_record).splats, target_count=target)
+        parent = decode_splats(parent_record).splats
+        expected = keep_best(parent, luminance_score(parent.colours), target)
         torch.testing.assert_close(decode_splats(record).splats.colours, expected.colours)
         torch.testing.assert_close(decode_splats(record).splats.positions, expected.positions)
     rerun = prune.prune_split(root / "gs16", root / f"gs{target}", target, keep_only, "luminance", 3,
@@ -117,7 +119,7 @@ def test_only_namesake_image_shards_are_read(fitted):
     only_first = str(root / "images" / "train-000000.tar")
     missing = prune.prune_split(root / "gs16", root / "gs8x", 8, settings, "luminance", 4, only_first, data,
                                 progress=False)
-    assert missing.no_source_image == 6 and missing.images == 4
+    assert missing.sums["no_source_image"] == 6 and missing.images == 4
 
 
 def test_an_unknown_score_is_refused_before_anything_is_written(fitted, tmp_path):

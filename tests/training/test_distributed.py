@@ -35,3 +35,14 @@ def test_rank_comes_from_torchrun_environment(monkeypatch):
     assert resolve_rank(0, 1) == (0, 1)
     with pytest.raises(ValueError, match="rank"):
         resolve_rank(2, 2)
+
+
+def test_rank_before_the_process_group_starts_is_torchruns(monkeypatch):
+    """Before ``init_distributed`` every helper agrees on torchrun's rank: only rank 0 is the main
+    one, and collectives span one process until the group exists."""
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert distributed.rank_and_world_size() == (2, 4)
+    assert not distributed.is_main()
+    assert distributed.process_group_size() == 1
+    assert distributed.all_gather_objects("x") == ["x"]

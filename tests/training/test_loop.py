@@ -18,6 +18,7 @@ from torch import nn
 
 from gsclip_lib import distributed
 from gsclip_lib.data.image_text_shards import write_image_text_shards
+from gsclip_lib.errors import InputError
 from gsclip_lib.models.rgb_clip import create_rgb_clip
 from gsclip_lib.stages.pretrain import pretrain_rgb
 from gsclip_lib.training.loop import (
@@ -200,6 +201,29 @@ def test_resume_with_other_settings_is_refused(tmp_path, config):
     done = train(fresh_model(1), mse_loss, make_batches(data), 6, config.replace(log_every=5, checkpoint_every=2),
                  tmp_path, progress=False)
     assert done.resumed_from_step == done.steps == 12
+
+
+def test_a_checkpoint_cut_short_is_one_line_that_names_the_file(tmp_path, config):
+    data = regression_data()
+    train(fresh_model(1), mse_loss, make_batches(data), 6, config, tmp_path, progress=False)
+    path = tmp_path / "last.pt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a disk that filled up
+    with pytest.raises(InputError) as cut:
+        train(fresh_model(1), mse_loss, make_batches(data), 6, config, tmp_path, progress=False)
+    message = str(cut.value)
+    assert "\n" not in message and str(path) in message and "Delete it" in message
+    path.write_bytes(b"")
+    with pytest.raises(InputError, match="cut short or corrupt"):
+        load_checkpoint(path)
+
+
+def test_training_leaves_the_callers_random_state_alone(tmp_path, config):
+    model = fresh_model(1)  # seeds the generator itself
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train(model, mse_loss, make_batches(regression_data()), 6, config, tmp_path, progress=False)
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
 
 
 def test_finished_run_returns_its_final_state(tmp_path, config):

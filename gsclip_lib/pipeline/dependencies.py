@@ -4,10 +4,10 @@ DVC reruns a stage when one of its declared dependencies changes, so a stage mus
 module it executes, and no other (or an unrelated change reruns it). This module reads a
 notebook's code cells and every project module they reach through ``import`` statements anywhere
 in the code (lazy imports inside functions too), follows them to the bottom, and adds the data files
-a module reads or compiles beside itself (the model configs, the C++ kernel's source). ``tests/stages/test_dependencies.py`` checks
+a module reads or compiles beside itself (the model configs, the C++ kernel's source). ``tests/pipeline/test_dependencies.py`` checks
 ``dvc.yaml`` against it; after changing imports, update ``dvc.yaml`` with
 
-    python -m gsclip_lib.stages.dependencies --write
+    python -m gsclip_lib.pipeline.dependencies --write
 
 (``--check`` only reports the differences and exits 1 when there are some).
 """

@@ -10,7 +10,7 @@ import yaml
 from gsclip_lib.errors import ConfigError
 from gsclip_lib.reporting.page_check import page_problems
 from gsclip_lib.stages.cli import main
-from gsclip_lib.stages.runner import StageRun, find_project_root
+from gsclip_lib.pipeline.runner import StageRun, find_project_root
 
 ROOT = Path(__file__).resolve().parents[2]
 

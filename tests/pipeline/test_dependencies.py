@@ -3,7 +3,7 @@
 import textwrap
 from pathlib import Path
 
-from gsclip_lib.stages.dependencies import closure, differences
+from gsclip_lib.pipeline.dependencies import closure, differences
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -12,7 +12,7 @@ def test_dvc_yaml_declares_every_module_a_stage_runs_and_no_other():
     found = differences(ROOT)
     assert not found, (
         f"dvc.yaml's code deps differ from the notebooks' imports: {found}; "
-        "run `python -m gsclip_lib.stages.dependencies --write`"
+        "run `python -m gsclip_lib.pipeline.dependencies --write`"
     )
 
 
