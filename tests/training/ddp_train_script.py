@@ -28,6 +28,7 @@ import open_clip
 import torch
 
 from gsclip_lib import distributed
+from gsclip_lib.data import streaming
 from gsclip_lib.params import PretrainConfig, load_params
 from gsclip_lib.stages import pretrain as rgb_pretrain
 from gsclip_lib.stages.pretrain import pretrain_rgb
@@ -52,10 +53,11 @@ def main(work: Path, mode: str) -> None:
     info = distributed.init_distributed()
     open_clip.add_model_config(work / f"{MODEL_NAME}.json")
 
-    # Spies on the module's own functions: what this rank read, and its model when training ends.
+    # Spies on the functions the stage runs: what this rank read (the stream's epochs), and its model
+    # when training ends.
     first_epoch_keys: list[str] = []
     final_hashes: list[str] = []
-    train, batches = rgb_pretrain.train, rgb_pretrain.epoch_batches
+    train, batches = rgb_pretrain.train, streaming.epoch_batches
 
     def spy_batches(plan, decode, collate, epoch, start=0):
         for batch in batches(plan, decode, collate, epoch, start):
@@ -76,7 +78,7 @@ def main(work: Path, mode: str) -> None:
         final_hashes.append(parameter_hash(model))
         return result
 
-    rgb_pretrain.train, rgb_pretrain.epoch_batches = spy_train, spy_batches
+    rgb_pretrain.train, streaming.epoch_batches = spy_train, spy_batches
 
     params = load_params(REPO / "params.yaml")
     optim = params.pretrain.optim.replace(epochs=2, batch_size=8, lr=2e-3, weight_decay=0.1, warmup_steps=2,
