@@ -56,7 +56,7 @@ def splat_record_bytes(channels: int) -> int:
 
 # Kernel block sizes the byte model needs (kernels/rasterize_triton.py; a test keeps them equal).
 DENSE_FWD_BLOCK_P = 64
-DENSE_BWD_BLOCK_N = 32
+DENSE_BWD_BLOCK_N = 16
 SORT_BYTES_PER_PAIR = 128  # binning: radix sort of 8-byte keys, ~8 passes reading and writing
 
 # Peak fp32 (non-tensor-core) FLOP/s and memory bandwidth in bytes/s, from NVIDIA's data sheets.

@@ -11,6 +11,8 @@ CPU part (always computed, no GPU needed):
   leaves them (:func:`fitted_like_splats`).
 - ``roofline_estimate``: images per second of a 1000-step fit (forward + backward per step, no
   optimizer update), dense against tiled, on an assumed H100 SXM, by :mod:`benchmarks.cost_model`.
+- ``kernel_resources``: every kernel compiled for sm_80 and sm_90 (:mod:`kernels.aot_compile`):
+  registers, spills, shared memory, blocks per SM and occupancy; a spill or a budget broken fails.
 
 GPU part (only with CUDA; otherwise one line says it was skipped and an earlier GPU section of the
 output file is kept):
@@ -45,7 +47,7 @@ import torch
 from torch import Tensor
 
 from benchmarks.cost_model import METHOD, ROOFLINE_DEVICE, device_peaks, pass_costs, roofline
-from benchmarks.harness import format_table, machine_info, paper_params, paper_splat_counts
+from benchmarks.harness import format_table, machine_info, paper_params, paper_splat_counts, run_in_child
 from gsclip_lib.atomic_files import write_json
 from gsclip_lib.splats.container import Splats
 from kernels.tiling import bin_splats_to_tiles, count_evaluations
@@ -335,6 +337,11 @@ def _previous_gpu_section(out: Path) -> dict[str, Any] | None:
     return None if not previous or previous.get("smoke") else previous
 
 
+def kernel_resources() -> dict[str, Any]:
+    """:func:`kernels.aot_compile.resources_report`, in a child process (the smoke run interprets)."""
+    return run_in_child("kernels.aot_compile:resources_report", env={"TRITON_INTERPRET": "0"}, timeout=900).value
+
+
 def run(out: str | os.PathLike, smoke: bool = False) -> int:
     """Write the report to ``out``; the exit status (1 on a correctness failure)."""
     started = time.perf_counter()
@@ -345,6 +352,7 @@ def run(out: str | os.PathLike, smoke: bool = False) -> int:
         "splat_layout": "fitted_like_splats: " + " ".join(fitted_like_splats.__doc__.split()),
         "machine": machine_info(),
         **cpu_part(),
+        "kernel_resources": kernel_resources(),
     }
     if smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first imported
@@ -355,6 +363,7 @@ def run(out: str | os.PathLike, smoke: bool = False) -> int:
         print("no CUDA device: GPU check skipped (the CPU-side evaluation counts and roofline estimate were written)")
         report["gpu"] = _previous_gpu_section(out)
     status = 1 if (smoke or torch.cuda.is_available()) and not report["gpu"]["passed"] else 0
+    status = status or int(bool(report["kernel_resources"]["problems"]))
     report["runtime_seconds"] = time.perf_counter() - started
     write_json(out, report)
     rows = []

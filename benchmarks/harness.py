@@ -11,8 +11,7 @@ beside it, in :mod:`benchmarks.cost_model`.
 - **Child processes** (:func:`run_in_child`), one protocol: the parent starts ``python -m
   benchmarks.harness`` (``OMP_NUM_THREADS`` set) with a JSON request on stdin (``"module:function"``,
   arguments, a result path); the child calls the function and writes ``{"value", "peak_rss_kib",
-  "seconds"}`` or ``{"error", "traceback"}`` there. Any failure is one :class:`ChildFailed` naming the target and
-  the child's error.
+  "seconds"}`` or ``{"error", "traceback"}`` there; any failure is one :class:`ChildFailed`.
 - **Peak memory** (:func:`peak_rss_kib`), one method: the resident-set high-water mark of a fresh
   child process, ``getrusage(RUSAGE_SELF).ru_maxrss`` (KiB on Linux) read in the child. It counts
   every byte the process holds (torch's allocator, numpy, Python objects, loader buffers), which
@@ -168,10 +167,10 @@ class ChildRun:
 
 
 def run_in_child(target: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None, *,
-                 threads: int = 1, timeout: float | None = None) -> ChildRun:
-    """Call ``target`` (``"package.module:function"``) with JSON-able arguments in a fresh Python
-    process with ``threads`` threads, and return what it returned (JSON-able) with its peak memory."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                 threads: int = 1, timeout: float | None = None, env: dict[str, str] | None = None) -> ChildRun:
+    """Call ``target`` (``"package.module:function"``) with JSON-able arguments in a fresh Python process
+    (``threads`` threads, ``env`` over ours) and return what it returned (JSON-able) and its peak memory."""
+    env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     with tempfile.TemporaryDirectory(prefix="gsclip-child-") as folder:
         result_path = Path(folder) / "result.json"

@@ -204,6 +204,7 @@ class PruneConfig(ConfigModel):
     score: Literal["luminance", "energy"]  # which splats survive (gsclip_lib.splats.pruning)
     refit_iterations: int = Field(ge=0)  # refit steps of the survivors at each level; 0: colours only
     compare_fit_small: bool  # also fit each level's count directly, same total steps (evaluation split)
+    fit_small_images: int = Field(ge=0)  # images of that split the comparison fits (0: all): a figure's sample
 
     @model_validator(mode="after")
     def _distinct_positive_levels(self) -> "PruneConfig":

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from kernels.arguments import rasterizer_args
+from kernels.arguments import check_cutoff, check_rasterizer_inputs, rasterizer_args
 
 
 def pixel_centres(height: int, width: int, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -83,3 +83,54 @@ def rasterize_dense_torch(
     weights = splat_weights_dense(positions, cholesky, valid, height, width, cutoff)
     colours = torch.where(valid[..., None], colours, torch.zeros_like(colours))
     return torch.einsum("bnhw,bnc->bchw", weights, colours)
+
+
+def colour_adjoint_args(
+    image: Tensor,  # [B, C, H, W] floating point
+    positions: Tensor,  # [B, N, 2]
+    cholesky: Tensor,  # [B, N, 3]
+    valid: Tensor,  # [B, N] bool
+    cutoff: float,
+) -> float:  # the cutoff as a float
+    """ValueError naming the problem unless a colour adjoint's arguments fit together: the splat
+    tensors as a render takes them (:func:`kernels.arguments.check_rasterizer_inputs`), and a
+    floating-point ``[B, C >= 1, H, W]`` image of the same batch on the same device."""
+    if not isinstance(image, Tensor) or not image.is_floating_point() or image.dim() != 4 or image.shape[1] < 1:
+        got = f"{tuple(image.shape)} {image.dtype}" if isinstance(image, Tensor) else type(image).__name__
+        raise ValueError(f"image must be a floating-point [B, C, H, W] tensor with C >= 1, got {got}")
+    # The splat tensors are checked as a render's, with a memory-less stand-in for the colours
+    # shaped to agree with them, so that every complaint names the tensor that is wrong.
+    splat_shape = tuple(positions.shape[:2]) if isinstance(positions, Tensor) and positions.dim() == 3 else (0, 0)
+    stand_in = torch.zeros((), dtype=image.dtype, device=getattr(positions, "device", image.device))
+    check_rasterizer_inputs(positions, cholesky, stand_in.expand(*splat_shape, image.shape[1]), valid)
+    if image.shape[0] != positions.shape[0]:
+        raise ValueError(f"image must be [B, C, H, W] with B = {positions.shape[0]}, got {tuple(image.shape)}")
+    if image.device != positions.device:
+        raise ValueError(f"image must be on the splats' device {positions.device}, got {image.device}")
+    return check_cutoff(cutoff)
+
+
+def colour_adjoint_dense_torch(
+    image: Tensor,  # [B, C, H, W]
+    positions: Tensor,  # [B, N, 2] (x, y) in pixels
+    cholesky: Tensor,  # [B, N, 3] (l11, l21, l22) in pixels
+    valid: Tensor,  # [B, N] bool
+    cutoff: float,  # Mahalanobis radius beyond which a splat contributes nothing
+) -> tuple[Tensor, Tensor]:  # W^T image [B, N, C] fp32; sum_p w(p)^2 [B, N] fp32
+    """The render's adjoint in the colours and each splat's squared weight norm, by definition.
+
+    With ``render = W @ colours`` (:func:`splat_weights_dense` is ``W``), this is ``W^T image``
+    per image and channel, ``sum_p w_i(p) image[c, p]``, and the diagonal of ``W^T W``,
+    ``sum_p w_i(p)^2``: what a least-squares colour solve needs. Invalid splats give zeros, whatever
+    their slots hold. Computes in fp32 (fp64 when an input is fp64) and returns fp32, as the C++
+    kernel (``kernels.rasterize_cpu.colour_adjoint``) does; not meant to be differentiated.
+    """
+    cutoff = colour_adjoint_args(image, positions, cholesky, valid, cutoff)
+    dtype = torch.promote_types(torch.promote_types(image.dtype, positions.dtype),
+                                torch.promote_types(cholesky.dtype, torch.float32))
+    height, width = image.shape[-2:]
+    weights = splat_weights_dense(positions.detach().to(dtype), cholesky.detach().to(dtype), valid, height, width,
+                                  cutoff)  # [B, N, H, W]
+    adjoint = torch.einsum("bnhw,bchw->bnc", weights, image.detach().to(dtype))
+    squared_norms = weights.square().sum((-2, -1))
+    return adjoint.to(torch.float32), squared_norms.to(torch.float32)

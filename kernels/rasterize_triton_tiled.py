@@ -44,9 +44,9 @@ from kernels.arguments import (KernelInputs, grads_for_inputs, kernel_inputs, ra
                                save_for_kernel_backward, saved_kernel_inputs)
 from kernels.rasterize_triton import rasterize_triton
 from kernels.tiling import TileBins, bin_splats_to_tiles
-from kernels.triton_common import (accumulate_splat_grads, image_buffer, image_offsets, load_colours, load_splats,
-                                   splat_block_colour, splat_grad_buffers, splat_weights, store_splat_grads,
-                                   zero_splat_grads)
+from kernels.triton_common import (accumulate_splat_grads, box_block_weights, image_buffer, image_offsets,
+                                   load_colours, load_program_splat, load_splat_box, splat_block_colour,
+                                   splat_grad_buffers, store_splat_grads, zero_splat_grads)
 
 DEFAULT_TILE_SIZE = 16
 TILE_SIZES = (4, 8, 16, 32)  # powers of two: a tile's pixels are one tl.arange block
@@ -56,7 +56,7 @@ _BWD_BLOCK_P = 128
 
 def forward_block_n(tile_size: int) -> int:
     """Splats per forward inner-loop step: keeps the [tile^2, BLOCK_N, C_PAD] broadcast near the
-    dense kernel's 64 x 32 pixel-splat tile (2,048 pairs)."""
+    2,048 pixel-splat pairs (128 registers a thread for RGB at 16 x 16 tiles)."""
     return min(32, max(2, 2048 // (tile_size * tile_size)))
 
 
@@ -132,39 +132,19 @@ def _tiled_bwd_kernel(
     C_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr,  # box pixels per inner-loop step
 ):
-    # Flat grid (B * N,): program = image * N + splat, the splat's row in every [B, N, ...] tensor.
-    row = tl.program_id(0).to(tl.int64)
-    pid_b = row // N
-    offs_n = (row % N) + tl.arange(0, 1)  # [1]: the shared pieces take a block of splats
-    mu_x, mu_y, inv_l11, l21, inv_l22, live = load_splats(
-        positions_ptr, cholesky_ptr, valid_ptr, pid_b, offs_n, N
-    )
+    row, pid_b, offs_n, mu_x, mu_y, inv_l11, l21, inv_l22, live = load_program_splat(
+        positions_ptr, cholesky_ptr, valid_ptr, N)  # one program per (image, splat)
     offs_c = tl.arange(0, C_PAD)
-    mask_c = offs_c < C
     col, col_offs, col_mask = load_colours(colours_ptr, pid_b, offs_n, N, live, offs_c, C)  # [1, C_PAD]
 
-    first_col = tl.load(boxes_ptr + row * 4 + 0)
-    first_row = tl.load(boxes_ptr + row * 4 + 1)
-    box_cols = tl.load(boxes_ptr + row * 4 + 2)
-    box_pixels = box_cols * tl.load(boxes_ptr + row * 4 + 3)  # 0 for an invalid or unseen splat
-
+    first_col, first_row, box_cols, box_pixels = load_splat_box(boxes_ptr, row)
     g_col, g_dx, g_dy, g_l11, g_l21, g_l22 = zero_splat_grads(1, C_PAD)
     for k0 in range(0, box_pixels, BLOCK_P):
         # The box's pixels in row-major order; lanes past its end read a zero cotangent.
-        offs_k = k0 + tl.arange(0, BLOCK_P)
-        mask_k = offs_k < box_pixels
-        pix_x = first_col + offs_k % box_cols
-        pix_y = first_row + offs_k // box_cols
-        px = pix_x.to(tl.float32) + 0.5
-        py = pix_y.to(tl.float32) + 0.5
-        g = tl.load(
-            grad_out_ptr + image_offsets(pid_b, pix_y * W + pix_x, offs_c, HW, C),
-            mask=mask_k[:, None] & mask_c[None, :],
-            other=0.0,
-        )  # [BLOCK_P, C_PAD]
-        w, z1, z2 = splat_weights(
-            px, py, mu_x, mu_y, inv_l11, l21, inv_l22, live, cutoff_sq, True
-        )  # [BLOCK_P, 1]
+        g, _, w, z1, z2 = box_block_weights(
+            grad_out_ptr, pid_b, first_col, first_row, box_cols, box_pixels, k0, offs_c, W, HW,
+            mu_x, mu_y, inv_l11, l21, inv_l22, live, cutoff_sq, True, C, BLOCK_P,
+        )  # g [BLOCK_P, C_PAD], w [BLOCK_P, 1]
         g_col, g_dx, g_dy, g_l11, g_l21, g_l22 = accumulate_splat_grads(
             g_col, g_dx, g_dy, g_l11, g_l21, g_l22, g, w, z1, z2, col, l21, inv_l22
         )

@@ -147,6 +147,72 @@ def splat_block_colour(
 
 
 @triton.jit
+def load_program_splat(positions_ptr, cholesky_ptr, valid_ptr, N):  # the pointers as load_splats takes them
+    """The splat of a program on a flat ``(B * N,)`` grid (program = image * N + splat, the splat's
+    row in every ``[B, N, ...]`` tensor): ``row, pid_b, offs_n`` ([1]: the shared pieces take a
+    block of splats) and its :func:`load_splats` values."""
+    row = tl.program_id(0).to(tl.int64)
+    pid_b = row // N
+    offs_n = (row % N) + tl.arange(0, 1)
+    mu_x, mu_y, inv_l11, l21, inv_l22, live = load_splats(positions_ptr, cholesky_ptr, valid_ptr, pid_b, offs_n, N)
+    return row, pid_b, offs_n, mu_x, mu_y, inv_l11, l21, inv_l22, live
+
+
+@triton.jit
+def load_splat_box(
+    boxes_ptr,  # *i32 [B, N, 4]: first column, first row, columns, rows (kernels.tiling.splat_pixel_boxes)
+    row,  # int64 the splat's row, image * N + splat
+):
+    """A splat's pixel box: ``(first column, first row, columns, pixels)``; 0 pixels for an invalid
+    or unseen splat."""
+    first_col = tl.load(boxes_ptr + row * 4 + 0)
+    first_row = tl.load(boxes_ptr + row * 4 + 1)
+    box_cols = tl.load(boxes_ptr + row * 4 + 2)
+    return first_col, first_row, box_cols, box_cols * tl.load(boxes_ptr + row * 4 + 3)
+
+
+@triton.jit
+def box_block_weights(
+    image_ptr,  # *fp32 [B, C, H, W] contiguous: an image or a cotangent
+    pid_b,  # int64 batch index
+    first_col,  # the splat's box (load_splat_box): first column
+    first_row,  # first row
+    box_cols,  # columns
+    box_pixels,  # pixels
+    k0,  # the block's first box pixel (row-major)
+    offs_c,  # [C_PAD] channel indices
+    W,  # image width in pixels
+    HW,  # H * W
+    mu_x,  # the splat, as load_splats gives it
+    mu_y,
+    inv_l11,
+    l21,
+    inv_l22,
+    live,
+    cutoff_sq,  # fp32 squared Mahalanobis cutoff
+    HAS_CUTOFF: tl.constexpr,
+    C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Box pixels ``k0 .. k0 + BLOCK_P`` of one splat: the image there [BLOCK_P, C_PAD] (0 outside
+    the box), the lanes inside the box [BLOCK_P], and the splat's :func:`splat_weights` there
+    (``w, z1, z2``, [BLOCK_P, 1])."""
+    offs_k = k0 + tl.arange(0, BLOCK_P)
+    mask_k = offs_k < box_pixels
+    pix_x = first_col + offs_k % box_cols
+    pix_y = first_row + offs_k // box_cols
+    values = tl.load(
+        image_ptr + image_offsets(pid_b, pix_y * W + pix_x, offs_c, HW, C),
+        mask=mask_k[:, None] & (offs_c < C)[None, :],
+        other=0.0,
+    )
+    px = pix_x.to(tl.float32) + 0.5
+    py = pix_y.to(tl.float32) + 0.5
+    w, z1, z2 = splat_weights(px, py, mu_x, mu_y, inv_l11, l21, inv_l22, live, cutoff_sq, HAS_CUTOFF)
+    return values, mask_k, w, z1, z2
+
+
+@triton.jit
 def image_offsets(
     pid_b,  # int64 batch index
     pix,  # [BLOCK_P] flattened row-major pixel indices

@@ -200,6 +200,8 @@ def check_renderable(splats: "Splats") -> None:
         "zero Cholesky diagonal": (splats.cholesky[..., 0] == 0) | (splats.cholesky[..., 2] == 0),
         "non-finite colour": ~torch.isfinite(splats.colours).all(-1),
     }
+    if not bool(torch.stack(list(problems.values())).logical_and(valid).any()):  # one host sync when all is well
+        return
     for problem, bad in problems.items():
         bad = bad & valid
         if bool(bad.any()):

@@ -43,9 +43,11 @@ from gsclip_lib.splats.container import Splats, check_images, check_same_batch, 
 from gsclip_lib.splats.initialization import initialize_splats
 from gsclip_lib.splats.least_squares import solve_colours
 from gsclip_lib.splats.quality import psnr
-from gsclip_lib.splats.render import render_splats
+from gsclip_lib.splats.render import RenderPasses, render_splats
 
 RESEED_SUPPRESSION = 2  # pixels around a chosen error peak that no other re-seeded splat may take
+HISTORY_COLUMNS = ("iteration", "seconds", "cpu_seconds", "loss", "psnr", "forward_passes", "backward_passes",
+                   "adjoint_passes")
 
 
 @dataclass
@@ -57,8 +59,10 @@ class FitResult:
     retried: list[int] = field(default_factory=list)  # images restarted after a non-finite loss
     dropped: list[int] = field(default_factory=list)  # images given up on
     reseeded: int = 0  # splats moved by re-seeding, over the whole fit
-    # iteration, seconds (wall), cpu_seconds (this process's CPU time), loss, psnr (means over images)
+    # iteration, seconds (wall), cpu_seconds (this process's CPU time), loss, psnr (means over images),
+    # and the render passes run so far: forward_passes, backward_passes, adjoint_passes
     history: dict[str, list[float]] = field(default_factory=dict)
+    passes: dict[str, int] = field(default_factory=dict)  # RenderPasses of the whole fit, final solve included
 
     @property
     def kept(self) -> Tensor:  # [B] bool
@@ -183,7 +187,8 @@ class _BatchFit:
         self.dropped: list[int] = []
         self.reseeded = 0
         self.reseed_until = int(settings.reseed_until * settings.iterations)
-        self.history: dict[str, list[float]] = {"iteration": [], "seconds": [], "cpu_seconds": [], "loss": [], "psnr": []}
+        self.history: dict[str, list[float]] = {name: [] for name in HISTORY_COLUMNS}
+        self.passes = RenderPasses()
         self.last: tuple[Tensor, Tensor, Tensor] | None = None  # the latest step's render, losses, healthy images
         self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
@@ -192,7 +197,8 @@ class _BatchFit:
 
     def render(self) -> Tensor:  # [B, C, H, W]
         settings = self.settings
-        return render_splats(self.current(), self.height, self.width, backend=settings.backend, cutoff=settings.cutoff)
+        return render_splats(self.current(), self.height, self.width, backend=settings.backend, cutoff=settings.cutoff,
+                             passes=self.passes)
 
     def losses(self, rendered: Tensor) -> Tensor:  # [B]
         return fit_loss_per_image(rendered, self.images, self.colours, self.valid, self.settings.colour_l1)
@@ -203,7 +209,7 @@ class _BatchFit:
         with torch.no_grad():
             self.colours.copy_(solve_colours(self.current().detach(), self.images, ridge=settings.ridge,
                                              cutoff=settings.cutoff, backend=settings.backend,
-                                             cg_iterations=settings.cg_iterations))
+                                             cg_iterations=settings.cg_iterations, passes=self.passes))
 
     def drop(self, image: int, why: str) -> None:
         self.alive[image] = False
@@ -276,6 +282,8 @@ class _BatchFit:
         history["cpu_seconds"].append(time.process_time() - self.cpu_start)
         history["loss"].append(float(losses.detach()[healthy].mean()) if bool(healthy.any()) else float("nan"))
         history["psnr"].append(float(quality.mean()) if quality.numel() else float("nan"))
+        for kind, count in self.passes.as_dict().items():
+            history[f"{kind}_passes"].append(count)
         return history["psnr"][-1]
 
     def result(self) -> FitResult:
@@ -296,6 +304,7 @@ class _BatchFit:
             dropped=sorted(self.dropped),
             reseeded=self.reseeded,
             history=self.history,
+            passes=self.passes.as_dict(),
         )
 
 

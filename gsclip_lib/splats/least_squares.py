@@ -17,8 +17,9 @@ Two solvers, chosen by size:
   the twin's weights (:func:`kernels.rasterize_torch.splat_weights_dense`) and solved by batched
   Cholesky in float64, exactly;
 - larger ones (photos, thousands of splats): Jacobi-preconditioned conjugate gradients, matrix-free:
-  ``W`` is the render itself, ``W^T`` its adjoint in the colours (the C++ kernel's, or autograd's on
-  other backends), warm-started from the current colours for a fixed number of steps.
+  ``W`` is the render itself, ``W^T`` its adjoint in the colours (a kernel that computes only that,
+  the C++ one on the CPU and the tile-culled Triton one on CUDA; autograd of the render on the
+  PyTorch backends), warm-started from the current colours for a fixed number of steps.
 
 The L1 penalty of the fitting loss is left out of the solves (at the paper's lambda it changes
 nothing measurable); Adam's steps between solves still feel it.
@@ -27,12 +28,13 @@ nothing measurable); Adam's steps between solves still feel it.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from gsclip_lib.splats.container import Splats
-from gsclip_lib.splats.render import render_splats, resolve_backend
+from gsclip_lib.splats.container import Splats, check_renderable
+from gsclip_lib.splats.render import RenderPasses, render_splats, resolve_backend
 from kernels.rasterize_torch import splat_weights_dense
 
 # Problems whose weight matrix has at most this many entries (splats x pixels) per image are solved
@@ -47,17 +49,35 @@ def solved_densely(num_splats: int, height: int, width: int) -> bool:
 MIN_SHIFT = 1e-8  # floor of the ridge, so an image without a visible splat stays solvable
 
 
-def splat_weight_norms(splats: Splats, height: int, width: int, cutoff: float, backend: str) -> Tensor:  # [B, N]
-    """``sum_p w_i(p)^2`` of every splat: the diagonal of ``W^T W`` (zero for invalid splats).
-
-    Exact on the C++ kernel and for small problems; on other backends, larger ones use the
-    integral ``pi |l11 l22|`` of a squared Gaussian, which ignores the cutoff and the image border.
-    """
-    if resolve_backend(backend, splats.device) == "cpu":
+def _native_adjoint(backend: str, device: torch.device) -> Callable | None:
+    """The kernel that computes ``(W^T image, sum_p w^2)`` alone on this backend, if it has one: the
+    C++ kernel on the CPU, the tile-culled Triton kernel on CUDA (both Triton backends)."""
+    chosen = resolve_backend(backend, device)
+    if chosen == "cpu":
         from kernels.rasterize_cpu import colour_adjoint
 
+        return colour_adjoint
+    if chosen.startswith("triton"):
+        from kernels.colour_adjoint_triton import colour_adjoint_triton
+
+        return colour_adjoint_triton
+    return None
+
+
+def splat_weight_norms(splats: Splats, height: int, width: int, cutoff: float, backend: str,
+                       passes: RenderPasses | None = None) -> Tensor:  # [B, N]
+    """``sum_p w_i(p)^2`` of every splat: the diagonal of ``W^T W`` (zero for invalid splats).
+
+    Exact with an adjoint kernel (the CPU's, the GPU's) and for small problems; on the PyTorch
+    backends, larger ones use the integral ``pi |l11 l22|`` of a squared Gaussian, which ignores the
+    cutoff and the image border.
+    """
+    adjoint = _native_adjoint(backend, splats.device)
+    if adjoint is not None:
+        if passes is not None:
+            passes.adjoint += 1
         empty = splats.colours.new_zeros((splats.batch_size, 1, height, width))
-        return colour_adjoint(empty, splats.positions, splats.cholesky, splats.valid, cutoff)[1].to(splats.colours)
+        return adjoint(empty, splats.positions, splats.cholesky, splats.valid, cutoff)[1].to(splats.colours)
     if solved_densely(splats.num_slots, height, width):
         weights = splat_weights_dense(splats.positions, splats.cholesky, splats.valid, height, width, cutoff)
         return weights.square().flatten(2).sum(-1)
@@ -92,61 +112,74 @@ def _solve_dense(
     return (colours * valid[..., None]).to(images.dtype)
 
 
-def _adjoint(splats: Splats, image: Tensor, cutoff: float, backend: str) -> Tensor:  # [B, N, C]
-    """``W^T image``: the C++ kernel's adjoint, or the gradient of ``<render(c), image>`` in ``c``."""
-    if resolve_backend(backend, splats.device) == "cpu":
-        from kernels.rasterize_cpu import colour_adjoint
+class ColourOperator:
+    """``W``, the render as a linear map of the colours for one fixed, checked geometry, and its
+    adjoint ``W^T``: the two products of the conjugate-gradient solve. Neither checks the geometry
+    again (it was checked once, in :func:`solve_colours`); both count their passes."""
 
-        return colour_adjoint(image, splats.positions, splats.cholesky, splats.valid, cutoff)[0].to(image)
-    with torch.enable_grad():
-        probe = torch.zeros_like(splats.colours, requires_grad=True)
-        rendered = render_splats(Splats(splats.positions.detach(), splats.cholesky.detach(), probe, splats.valid),
-                                 image.shape[-2], image.shape[-1], backend=backend, cutoff=cutoff)
-        return torch.autograd.grad(rendered, probe, image)[0]
+    def __init__(self, geometry: Splats, height: int, width: int, cutoff: float, backend: str,
+                 passes: RenderPasses | None) -> None:
+        self.geometry, self.height, self.width, self.cutoff, self.backend = geometry, height, width, cutoff, backend
+        self.passes = passes
+        self.native_adjoint = _native_adjoint(backend, geometry.device)
+
+    def render(self, colours: Tensor) -> Tensor:  # [B, N, C] -> [B, C, H, W]
+        geometry = self.geometry
+        return render_splats(Splats(geometry.positions, geometry.cholesky, colours, geometry.valid), self.height,
+                             self.width, backend=self.backend, cutoff=self.cutoff, validate=False, passes=self.passes)
+
+    def adjoint(self, image: Tensor) -> Tensor:  # [B, C, H, W] -> [B, N, C]
+        """``W^T image``: the backend's adjoint kernel, or the gradient of ``<render(c), image>`` in ``c``
+        (a render and its full backward) where it has none."""
+        geometry = self.geometry
+        if self.native_adjoint is not None:
+            if self.passes is not None:
+                self.passes.adjoint += 1
+            return self.native_adjoint(image, geometry.positions, geometry.cholesky, geometry.valid,
+                                       self.cutoff)[0].to(image)
+        with torch.enable_grad():
+            probe = torch.zeros_like(geometry.colours, requires_grad=True)
+            return torch.autograd.grad(self.render(probe), probe, image)[0]
 
 
-def _solve_conjugate_gradients(
-    splats: Splats,
-    images: Tensor,  # [B, C, H, W]
-    ridge: float,
-    cutoff: float,
-    backend: str,
-    iterations: int,
-) -> Tensor:  # [B, N, C]
+def _solve_conjugate_gradients(splats: Splats, images: Tensor, ridge: float, cutoff: float, backend: str,
+                               iterations: int, passes: RenderPasses | None = None) -> Tensor:  # [B, N, C]
     """Preconditioned CG on ``(W^T W + shift I) c = W^T y``, warm-started from ``splats.colours``;
     one independent solve per image and channel, run together."""
     _, _, height, width = images.shape
     geometry = splats.detach()
+    operator = ColourOperator(geometry, height, width, cutoff, backend, passes)
     mask = geometry.valid[..., None].to(images.dtype)  # [B, N, 1]
-    diagonal = splat_weight_norms(geometry, height, width, cutoff, backend)  # [B, N]
+    diagonal = splat_weight_norms(geometry, height, width, cutoff, backend, passes)  # [B, N]
     shift = ridge * (diagonal * geometry.valid).sum(1) / geometry.valid.sum(1).clamp(min=1)
     shift = shift.clamp(min=MIN_SHIFT)[:, None, None]
     inverse_preconditioner = mask / (diagonal[..., None] + shift)
-
-    def normal(colours: Tensor) -> Tensor:  # [B, N, C] -> [B, N, C]
-        with torch.no_grad():
-            rendered = render_splats(Splats(geometry.positions, geometry.cholesky, colours, geometry.valid),
-                                     height, width, backend=backend, cutoff=cutoff)
-        return (_adjoint(geometry, rendered, cutoff, backend) + shift * colours) * mask
-
-    def inner(a: Tensor, b: Tensor) -> Tensor:  # [B, 1, C]
-        return (a * b).sum(1, keepdim=True)
-
     colours = geometry.colours * mask
-    residual = _adjoint(geometry, images, cutoff, backend) * mask - normal(colours)
+    residual = operator.adjoint(images) * mask - _normal(operator, colours, shift, mask)
     preconditioned = inverse_preconditioner * residual
     direction = preconditioned.clone()
-    rho = inner(residual, preconditioned)
+    rho = _inner(residual, preconditioned)
     for _ in range(iterations):
-        applied = normal(direction)
-        alpha = rho / inner(direction, applied).clamp(min=1e-30)
+        applied = _normal(operator, direction, shift, mask)
+        alpha = rho / _inner(direction, applied).clamp(min=1e-30)
         colours = colours + alpha * direction
         residual = residual - alpha * applied
         preconditioned = inverse_preconditioner * residual
-        next_rho = inner(residual, preconditioned)
+        next_rho = _inner(residual, preconditioned)
         direction = preconditioned + (next_rho / rho.clamp(min=1e-30)) * direction
         rho = next_rho
     return colours
+
+
+def _normal(operator: ColourOperator, colours: Tensor, shift: Tensor, mask: Tensor) -> Tensor:  # [B, N, C]
+    """``(W^T W + shift I) colours`` over the valid splats."""
+    with torch.no_grad():
+        rendered = operator.render(colours)
+    return (operator.adjoint(rendered) + shift * colours) * mask
+
+
+def _inner(a: Tensor, b: Tensor) -> Tensor:  # [B, N, C] twice -> [B, 1, C]
+    return (a * b).sum(1, keepdim=True)
 
 
 def solve_colours(
@@ -157,9 +190,12 @@ def solve_colours(
     cutoff: float,
     backend: str,
     cg_iterations: int,
+    passes: RenderPasses | None = None,
 ) -> Tensor:  # [B, N, C]: the least-squares colours of this geometry (zero for invalid splats)
-    """The colours that minimize the squared error for ``splats``' geometry (module docstring)."""
+    """The colours that minimize the squared error for ``splats``' geometry (module docstring);
+    the geometry is checked once here, not in every product of the solve."""
     with torch.no_grad():
         if solved_densely(splats.num_slots, images.shape[-2], images.shape[-1]):
             return _solve_dense(splats, images, ridge, cutoff)
-        return _solve_conjugate_gradients(splats, images, ridge, cutoff, backend, cg_iterations)
+        check_renderable(splats)
+        return _solve_conjugate_gradients(splats, images, ridge, cutoff, backend, cg_iterations, passes)

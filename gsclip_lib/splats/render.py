@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import typing
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
@@ -54,6 +55,25 @@ def check_cutoff(cutoff: float) -> None:
         raise InputError(f"the render cutoff must be a positive number of standard deviations, got {cutoff!r}")
 
 
+@dataclass
+class RenderPasses:
+    """The rasterizer passes a computation ran, counted where they run (pass one to
+    :func:`render_splats` and the colour solve): renders (``forward``), gradients of a render
+    (``backward``: geometry and colours together), and colour adjoints ``W^T r`` on their own
+    (``adjoint``: a kernel that computes nothing else). What a fitting step costs is their sum,
+    each weighted by its kernel's time."""
+
+    forward: int = 0
+    backward: int = 0
+    adjoint: int = 0
+
+    def count_backward(self, grad: Tensor) -> None:  # a tensor hook: the gradient reached a render
+        self.backward += 1
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
 def render_splats(
     splats: Splats,
     height: int,
@@ -61,16 +81,31 @@ def render_splats(
     *,
     backend: str = "auto",
     cutoff: float = DEFAULT_CUTOFF,
+    validate: bool = True,
+    passes: RenderPasses | None = None,
 ) -> Tensor:  # [B, C, H, W]
     """I(p) = sum_i c_i exp(-1/2 (p - mu_i)^T Sigma_i^-1 (p - mu_i)) over the valid splats.
 
     Valid splats must be renderable (:func:`gsclip_lib.splats.container.check_renderable`): a NaN
-    centre or a zero Cholesky diagonal is an error here, never a splat that silently vanishes.
+    centre or a zero Cholesky diagonal is an error here, never a splat that silently vanishes. A
+    caller that renders the same checked geometry many times (the colour solve's products) checks
+    it once and passes ``validate=False``: the check costs a host-device sync. ``passes`` counts
+    this render, and its backward when a gradient reaches it.
     """
-    for name, value in (("height", height), ("width", width)):
-        positive_int(value, f"render {name}")
-    check_cutoff(cutoff)
-    check_renderable(splats)
+    if validate:
+        for name, value in (("height", height), ("width", width)):
+            positive_int(value, f"render {name}")
+        check_cutoff(cutoff)
+        check_renderable(splats)
+    rendered = _rasterize(splats, height, width, backend, cutoff)
+    if passes is not None:
+        passes.forward += 1
+        if rendered.requires_grad:
+            rendered.register_hook(passes.count_backward)
+    return rendered
+
+
+def _rasterize(splats: Splats, height: int, width: int, backend: str, cutoff: float) -> Tensor:  # [B, C, H, W]
     chosen = resolve_backend(backend, splats.device)
     if chosen.startswith("triton") and splats.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise InputError(

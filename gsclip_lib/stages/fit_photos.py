@@ -134,12 +134,11 @@ def photo_fit_metrics(outcome: PhotoFitOutcome) -> dict:
 
 
 def photo_fit_history(outcome: PhotoFitOutcome) -> pd.DataFrame:
-    """Long table of the direct fits' PSNR curves: iteration, seconds, psnr, splats."""
-    frames = [
-        pd.DataFrame({"iteration": fit.history["iteration"], "seconds": fit.history["seconds"],
-                      "psnr": fit.history["psnr"], "splats": count})
-        for count, fit in outcome.fits.items()
-    ]
+    """Long table of the direct fits' PSNR curves: iteration, seconds, psnr, the render passes run so
+    far (forward, backward, adjoint), splats."""
+    columns = ("iteration", "seconds", "psnr", "forward_passes", "backward_passes", "adjoint_passes")
+    frames = [pd.DataFrame({**{name: fit.history[name] for name in columns}, "splats": count})
+              for count, fit in outcome.fits.items()]
     return pd.concat(frames, ignore_index=True)
 
 

@@ -8,9 +8,10 @@ steps with the fit's settings. The images are those the splats were fitted from,
 sample's ``source_shard`` and key and read with the same preprocessing. The metrics give every
 level's PSNR before pruning (the level above) and after the refit.
 
-``prune.compare_fit_small`` also fits each level's count directly on the evaluation split, with as
-many steps in all as the cascade spent on it: the paper's claim that pruning a large fit beats
-fitting few splats from the start, measured here.
+``prune.compare_fit_small`` also fits each level's count directly on the evaluation split (its first
+``prune.fit_small_images`` images; all when 0), with as many steps in all as the cascade spent on
+it: the paper's claim that pruning a large fit beats fitting few splats from the start, measured
+here. It runs on rank 0 alone, so at paper scale it runs on a sample.
 
 Resuming works as in the fit stage: finished shards and their statistics are kept, unless the level
 above, the settings or the code changed since they were written.
@@ -18,6 +19,7 @@ above, the settings or the code changed since they were written.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -260,7 +262,8 @@ def fit_small_comparison(params: Params, metrics: dict, *, progress: bool = True
         row = metrics["levels"][level_name(level)][split]
         settings = params.fit.optimizer.replace(iterations=row["total_steps"])
         stored = {sample.key: sample for sample in splat_dataset(str(params.splat_dir(level, split)), rank=0, world_size=1)}
-        for batch in batched((sample for sample in reader if sample.key in stored), params.fit.batch_size):
+        chosen = (sample for sample in reader if sample.key in stored)
+        for batch in batched(itertools.islice(chosen, params.prune.fit_small_images or None), params.fit.batch_size):
             images = torch.stack([sample.image for sample in batch]).to(device)
             direct = fit_splats(images, level, settings, progress=False).psnr.cpu()
             pruned = _pruned_psnr(batch, stored, settings, device)

@@ -116,10 +116,10 @@ class _Distillation(nn.Module):
         super().__init__()
         self.student = student
 
-    def forward(self, batch: AlignBatch) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, batch: AlignBatch) -> tuple[Tensor, dict[str, Tensor]]:
         return self.distillation_loss(batch.to(self.student.class_embedding.device))
 
-    def distillation_loss(self, batch: AlignBatch) -> tuple[Tensor, dict[str, float]]:
+    def distillation_loss(self, batch: AlignBatch) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
 
@@ -132,23 +132,23 @@ class TokenDistillationObjective(_Distillation):
     the blocks then carry it to the embedding as they do for the teacher.
     """
 
-    def distillation_loss(self, batch: AlignBatch) -> tuple[Tensor, dict[str, float]]:
+    def distillation_loss(self, batch: AlignBatch) -> tuple[Tensor, dict[str, Tensor]]:
         tokens = self.student.block_inputs(batch.splats)
         if tokens.shape != batch.targets.shape:
             raise ValueError(f"the student writes {tuple(tokens.shape)} tokens, the targets are {tuple(batch.targets.shape)}")
         loss = relative_token_error(tokens, batch.targets).mean()
-        return loss, {"relative_error": float(loss.detach())}
+        return loss, {"relative_error": loss.detach()}
 
 
 class DistillationObjective(_Distillation):
     """Stage 1 with ``align.distill_target: embedding``: the student's normalized embedding against
     the teacher's (:func:`teacher_embeddings`, computed for each batch), mean squared distance."""
 
-    def distillation_loss(self, batch: AlignBatch) -> tuple[Tensor, dict[str, float]]:
+    def distillation_loss(self, batch: AlignBatch) -> tuple[Tensor, dict[str, Tensor]]:
         embeddings = F.normalize(self.student(batch.splats), dim=-1)
         squared = (embeddings - batch.targets).pow(2).sum(-1)  # [B] = 2 - 2 cos
         loss = squared.mean()
-        return loss, {"cosine": float(1.0 - loss.detach() / 2.0)}
+        return loss, {"cosine": 1.0 - loss.detach() / 2.0}
 
 
 class ContrastiveObjective(nn.Module):
@@ -197,7 +197,7 @@ class ContrastiveObjective(nn.Module):
     def cache_info(self) -> dict[str, int] | None:
         return None if self.cache is None else self.cache.info()
 
-    def forward(self, batch: AlignBatch) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, batch: AlignBatch) -> tuple[Tensor, dict[str, Tensor]]:
         batch = batch.to(self.clip.logit_scale.device)
         image = self.clip.encode_image(batch.splats, normalize=True)
         text = self.text_features(batch.captions)
@@ -206,7 +206,7 @@ class ContrastiveObjective(nn.Module):
         with torch.no_grad():
             logits = image @ text.T
             accuracy = (logits.argmax(-1) == torch.arange(len(logits), device=logits.device)).float().mean()
-        return loss, {"logit_scale": float(scale.detach()), "batch_accuracy": float(accuracy)}
+        return loss, {"logit_scale": scale.detach(), "batch_accuracy": accuracy}
 
 
 class CaptionEmbeddingCache:
@@ -241,6 +241,6 @@ class CaptionEmbeddingCache:
                 "evictions": self.evictions}
 
 
-def call_objective(model: nn.Module, batch: AlignBatch) -> tuple[Tensor, dict[str, float]]:
+def call_objective(model: nn.Module, batch: AlignBatch) -> tuple[Tensor, dict[str, Tensor]]:
     # Through the module's __call__, so a DDP wrapper sees the forward and syncs the gradients.
     return model(batch)

@@ -25,8 +25,10 @@ gives every stage the same guarantees:
   caller's on the way out (:func:`seeded_generators`).
 - **Frozen parameters stay bit-identical**: only ``requires_grad`` parameters reach the optimizer,
   and only they (with the buffers) are checkpointed.
-- **A non-finite loss stops the run** with :class:`NonFiniteLossError` naming the step; the last
-  checkpoint is left as it was.
+- **A non-finite loss stops the run** with :class:`NonFiniteLossError` naming the step where it first
+  appeared; the last checkpoint is left as it was. It is noticed at the next log row or checkpoint,
+  not at once: the loop reads nothing back from the device between those (no ``.item()`` per step),
+  so the steps in between run on, their results discarded.
 - **Data-parallel under torchrun**: with a process group of more than one rank the model is wrapped
   in ``DistributedDataParallel``, so ``loss_fn`` receives the wrapper and must call it (its
   ``forward``): calling a method such as ``model.module.encode_image`` directly would bypass the
@@ -123,7 +125,7 @@ def checkpoint_path(checkpoint_dir: str | Path) -> Path:
 
 def train(
     model: torch.nn.Module,
-    loss_fn: Callable[[torch.nn.Module, Any], tuple[Tensor, dict[str, float]]],
+    loss_fn: Callable[[torch.nn.Module, Any], tuple[Tensor, dict[str, Tensor | float]]],
     batches: Callable[[int, int], Iterable[Any]],  # (epoch, start) -> that epoch's batches from batch start on, this rank's
     steps_per_epoch: int,
     config: OptimConfig,
@@ -137,7 +139,8 @@ def train(
 ) -> TrainResult:
     """Train ``model`` for ``config.epochs`` epochs of ``steps_per_epoch`` steps (see the module docstring).
 
-    ``loss_fn(model, batch)`` returns the scalar loss and a dict of float metrics, logged as the mean
+    ``loss_fn(model, batch)`` returns the scalar loss and a dict of scalar metrics (tensors left on
+    the device, or floats), logged as the mean
     over the ``log_every`` steps of a row and over ranks. ``batches(epoch, start)``
     (``epoch`` and ``start`` from 0) yields at least ``steps_per_epoch - start`` batches, the epoch's
     batch ``start`` first; later ones are not used. ``device`` (default: where the
@@ -212,6 +215,7 @@ class _Training:
         model.train()
         self.window = _LogWindow()
         self.window.load(self.run.window)
+        self.nonfinite = _FirstNonFinite()
 
     def first_batch(self, epoch: int) -> int:
         """The epoch's first batch still to run: above 0 when resuming a mid-epoch checkpoint."""
@@ -226,15 +230,20 @@ class _Training:
             batch = next(iterator, _END)
             _check_batch_available(batch is not _END, self.description, epoch, index, self.steps_per_epoch,
                                    self.world_size)
-            loss_value, metrics, grad_norm, lr = self.step(batch, loss_fn, epoch, index)
+            loss_value, metrics, grad_norm, lr = self.step(batch, loss_fn)
             if after_step is not None:
                 after_step(self.model)
             self.run.seconds = seconds_before + time.perf_counter() - epoch_started
             last_of_epoch = index == self.steps_per_epoch - 1
             self.window.add(loss_value, metrics, grad_norm)
+            every = self.config.checkpoint_every
+            logs = self.run.step % self.config.log_every == 0 or last_of_epoch
+            saves = last_of_epoch or bool(every and self.run.step % every == 0)
+            if logs or saves:
+                self.check_finite()
             # A row every log_every steps and at every epoch's end; a half-filled row is saved
             # with a mid-epoch checkpoint, so a resumed run logs exactly what an uninterrupted one does.
-            if self.run.step % self.config.log_every == 0 or last_of_epoch:
+            if logs:
                 row = self.window.row(self.run.step, self.run.step / self.steps_per_epoch, lr)
                 row["seconds"] = round(self.run.seconds, 3)
                 self.run.history.append(row)
@@ -242,34 +251,42 @@ class _Training:
             bar.update(1)
             if last_of_epoch:
                 self.run.epoch = epoch + 1
-            every = self.config.checkpoint_every
-            if last_of_epoch or (every and self.run.step % every == 0):
+            if saves:
                 self.save()
 
-    def step(self, batch: Any, loss_fn: Callable, epoch: int,
-             index: int) -> tuple[float, dict[str, float], float | None, float]:
+    def step(self, batch: Any, loss_fn: Callable) -> tuple[Tensor, dict[str, Any], Tensor | None, float]:
         """One optimizer step on ``batch``: ``(loss averaged over ranks, the loss function's metrics,
-        gradient norm, learning rate)``."""
+        gradient norm, learning rate)``, the tensors left on the device: nothing here waits for it."""
         loss, metrics = loss_fn(self.wrapped, batch)
-        loss_value = distributed.all_reduce_mean(loss.detach().float()).item()
-        if not math.isfinite(loss_value):
-            run = self.run
-            kept = f"{self.path} holds the state after step {run.saved_step}" if run.saved_step else "no checkpoint written"
-            raise NonFiniteLossError(
-                f"{self.description}: the loss is {loss_value} at step {run.step + 1} of {self.total_steps} "
-                f"(epoch {epoch + 1}, batch {index + 1}); stopped, {kept}"
-            )
+        loss_value = distributed.all_reduce_mean(loss.detach().float())
+        self.nonfinite.see(loss_value, self.run.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = None
         if self.config.grad_clip > 0:
             parameters = [p for _, p in trainable_parameters(self.model)]
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.grad_clip).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.grad_clip)
         self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
         self.scheduler.step()
         self.run.step += 1
         return loss_value, metrics, grad_norm, lr
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if a loss since the start turned NaN or infinite, naming
+        the first such step; the last checkpoint is left as it was. Checked where the loop waits for
+        the device anyway (a log row, a checkpoint), not at every step."""
+        found = self.nonfinite.first()
+        if found is None:
+            return
+        step, value = found
+        epoch, batch = divmod(step - 1, self.steps_per_epoch)
+        kept = (f"{self.path} holds the state after step {self.run.saved_step}" if self.run.saved_step
+                else "no checkpoint written")
+        raise NonFiniteLossError(
+            f"{self.description}: the loss is {value} at step {step} of {self.total_steps} "
+            f"(epoch {epoch + 1}, batch {batch + 1}); stopped, {kept}"
+        )
 
     def save(self) -> None:
         """Check the replicas agree, then write the checkpoint (rank 0; every rank waits for it)."""
@@ -351,44 +368,71 @@ class _RunState:
 
 
 class _LogWindow:
-    """Sums of the loss and metrics since the last history row; reduced over ranks when a row is made."""
+    """Sums of the loss and metrics since the last history row; reduced over ranks when a row is made.
+
+    The sums stay on the device as float64 tensors (the same sums as Python floats of the float32
+    values, bit for bit) until a row or a checkpoint reads them.
+    """
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         self.count = 0
-        self.loss = 0.0  # already the mean over ranks, step by step
-        self.metrics: dict[str, float] = {}
-        self.grad_norm = 0.0
+        self.loss: float | Tensor = 0.0  # already the mean over ranks, step by step
+        self.metrics: dict[str, float | Tensor] = {}
+        self.grad_norm: float | Tensor = 0.0
 
     def state(self) -> dict:
-        return {"count": self.count, "loss": self.loss, "metrics": dict(self.metrics), "grad_norm": self.grad_norm}
+        return {"count": self.count, "loss": float(self.loss),
+                "metrics": {name: float(value) for name, value in self.metrics.items()},
+                "grad_norm": float(self.grad_norm)}
 
     def load(self, state: dict) -> None:
         if state:
             self.count, self.loss, self.grad_norm = state["count"], state["loss"], state["grad_norm"]
             self.metrics = dict(state["metrics"])
 
-    def add(self, loss: float, metrics: dict[str, float], grad_norm: float | None) -> None:
+    def add(self, loss: Tensor, metrics: dict[str, Any], grad_norm: Tensor | None) -> None:
         self.count += 1
-        self.loss += loss
+        self.loss = self.loss + loss.double()
         for name, value in metrics.items():
-            self.metrics[name] = self.metrics.get(name, 0.0) + float(value)
+            self.metrics[name] = self.metrics.get(name, 0.0) + torch.as_tensor(value).detach().double()
         if grad_norm is not None:
-            self.grad_norm += grad_norm
+            self.grad_norm = self.grad_norm + grad_norm.detach().double()
 
     def row(self, step: int, epoch: float, lr: float) -> dict:
         names = sorted(self.metrics)
-        local = torch.tensor([self.metrics[name] for name in names], dtype=torch.float64)
+        local = torch.tensor([float(self.metrics[name]) for name in names], dtype=torch.float64)
         if names and distributed.process_group_size() > 1:
             local = distributed.all_reduce_mean(local.to(distributed.collective_device())).cpu()
-        row = {"step": step, "epoch": round(epoch, 4), "loss": self.loss / self.count, "lr": lr}
-        if self.grad_norm:
-            row["grad_norm"] = self.grad_norm / self.count
+        row = {"step": step, "epoch": round(epoch, 4), "loss": float(self.loss) / self.count, "lr": lr}
+        if float(self.grad_norm):
+            row["grad_norm"] = float(self.grad_norm) / self.count
         row.update({name: value / self.count for name, value in zip(names, local.tolist())})
         self.reset()
         return row
+
+
+class _FirstNonFinite:
+    """The first step whose loss was not finite, and that loss, kept on the device step by step."""
+
+    def __init__(self) -> None:
+        self.step: Tensor | None = None  # 0 while every loss was finite
+        self.value: Tensor | None = None
+
+    def see(self, loss: Tensor, step: int) -> None:
+        if self.step is None:
+            self.step = torch.zeros((), dtype=torch.int64, device=loss.device)
+            self.value = torch.zeros((), dtype=loss.dtype, device=loss.device)
+        first = (self.step == 0) & ~torch.isfinite(loss)
+        self.step = torch.where(first, torch.full_like(self.step, step), self.step)
+        self.value = torch.where(first, loss, self.value)
+
+    def first(self) -> tuple[int, float] | None:
+        if self.step is None or int(self.step) == 0:
+            return None
+        return int(self.step), float(self.value)
 
 
 def _check_batch_available(

@@ -32,7 +32,7 @@ def clip_loss_fn(clip: RgbClip, loss: ClipLoss):
     """``loss_fn`` for :func:`train`: CLIP's InfoNCE on an image-text batch (``images [B, C, S, S]``,
     ``captions``), each distinct caption of the batch tokenized and encoded once."""
 
-    def loss_fn(model: torch.nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
+    def loss_fn(model: torch.nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         device = clip.device
         distinct, rows = caption_table(batch.captions)
         output = model(clip.prepare_images(batch.images.to(device)), clip.tokenize(distinct).to(device))
@@ -43,7 +43,7 @@ def clip_loss_fn(clip: RgbClip, loss: ClipLoss):
         else:
             image_features, text_features, logit_scale = output[:3]
         value = loss(image_features, text_features[rows.to(device)], logit_scale)
-        return value, {"logit_scale": float(logit_scale.detach())}
+        return value, {"logit_scale": logit_scale.detach()}
 
     return loss_fn
 

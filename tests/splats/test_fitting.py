@@ -167,3 +167,28 @@ def test_pruning_refuses_bad_counts_and_channels(random_splats):
         keep_best(splats, luminance_score(splats.colours), 0)
     with pytest.raises(ValueError, match="1 or 3 colour channels"):
         luminance_score(torch.rand(1, 4, 2))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "windowed"])
+def test_the_fit_counts_the_passes_it_runs(photos, defaults, backend):
+    from kernels.rasterize_cpu import cpu_kernel_available
+
+    if backend == "cpu" and not cpu_kernel_available():
+        pytest.skip("no C++ compiler")
+    steps, cg = 4, 3
+    settings = defaults.photo_fit_settings(iterations=steps, colour_solve="every_step", cg_iterations=cg,
+                                           reseed_every=0, log_every=1, backend=backend)
+    result = fit_splats(photos, 256, settings, progress=False)  # 64x64 with 256 splats: the CG solve
+    solves = steps + 1  # one before every step, one at the end
+    per_solve = {"forward": 1 + cg, "adjoint": 2 + 1 + cg}  # norms, W^T y, then (render, adjoint) products
+    if backend == "cpu":  # the C++ kernel has its own adjoint
+        expected = {"forward": steps + solves * per_solve["forward"], "backward": steps,
+                    "adjoint": solves * per_solve["adjoint"]}
+    else:  # no adjoint kernel: each W^T r is a render and its backward (the norms: the area integral)
+        adjoints = solves * (per_solve["adjoint"] - 1)
+        expected = {"forward": steps + solves * per_solve["forward"] + adjoints, "backward": steps + adjoints,
+                    "adjoint": 0}
+    assert result.passes == expected
+    for kind, total in expected.items():  # the history counts as it goes (the final solve comes after it)
+        counted = result.history[f"{kind}_passes"]
+        assert counted == sorted(counted) and counted[-1] <= total

@@ -13,7 +13,7 @@ import torch
 from gsclip_lib.splats.container import Splats
 from gsclip_lib.splats.fitting import reseed_dead_splats
 from gsclip_lib.splats.least_squares import solve_colours, solved_densely, splat_weight_norms
-from gsclip_lib.splats.render import render_splats
+from gsclip_lib.splats.render import RenderPasses, render_splats
 from kernels.rasterize_cpu import cpu_kernel_available
 from kernels.rasterize_torch import splat_weights_dense
 
@@ -142,3 +142,40 @@ def test_reseeding_moves_at_most_its_share():
     splats = Splats(splats.positions.clone(), splats.cholesky.clone(), colours, splats.valid)
     moved = reseed_dead_splats(splats, torch.rand(1, 1, 28, 28), fraction=0.125, energy_floor=0.2)
     assert int(moved.sum()) == 2 and not bool(moved[0, :10].any())
+
+
+@pytest.mark.skipif(not cpu_kernel_available(), reason="the reference is the C++ kernel's solve")
+@pytest.mark.parametrize("backend", ["triton", "triton_tiled"])
+def test_the_gpu_backends_solve_with_the_triton_adjoint(backend):
+    # Their W^T is the tile-culled Triton adjoint kernel (the interpreter runs it here), not a render's
+    # full backward: the passes say so, and the colours are the C++ kernel's solve.
+    side = 40
+    images = torch.rand(1, 3, side, side)
+    splats = covering_splats(1, side, 8, 3)
+    assert not solved_densely(splats.num_slots, side, side)
+    passes, reference = RenderPasses(), RenderPasses()
+    got = solve_colours(splats, images, ridge=RIDGE, cutoff=CUTOFF, backend=backend, cg_iterations=2, passes=passes)
+    expected = solve_colours(splats, images, ridge=RIDGE, cutoff=CUTOFF, backend="cpu", cg_iterations=2,
+                             passes=reference)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    # norms, W^T y, and one (render, adjoint) product for the start and each of the 2 iterations
+    assert passes.as_dict() == reference.as_dict() == {"forward": 3, "backward": 0, "adjoint": 5}
+
+
+def test_the_solve_checks_the_geometry_once(monkeypatch):
+    from gsclip_lib.splats import least_squares, render
+
+    calls = {"solve": 0, "render": 0}
+    real = render.check_renderable
+
+    def counted(where):
+        def check(splats):
+            calls[where] += 1
+            return real(splats)
+        return check
+
+    monkeypatch.setattr(least_squares, "check_renderable", counted("solve"))
+    monkeypatch.setattr(render, "check_renderable", counted("render"))
+    splats = covering_splats(2, 48, 9, 3)
+    solve_colours(splats, torch.rand(2, 3, 48, 48), ridge=RIDGE, cutoff=CUTOFF, backend="windowed", cg_iterations=3)
+    assert calls == {"solve": 1, "render": 0}, "the products of the solve must not check (a host sync) again"
