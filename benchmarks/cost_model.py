@@ -3,13 +3,11 @@
 Every benchmark that reports FLOPs, a fraction of a peak or a roofline uses this module
 (``fitting``'s rasterizer section, ``gpu_check``, ``projection``), so their figures compare.
 
-**FLOPs per splat-pixel evaluation**, counted from the Triton kernels (``_splat_weights``, the
-inner loops of ``_rasterize_fwd_kernel`` / ``_rasterize_bwd_kernel`` in ``kernels/rasterize_triton.py``;
-the tiled kernels of ``kernels/rasterize_triton_tiled.py`` run the same lines). An add, a subtract
-or a multiply counts 1 (a fused multiply-add 2), ``tl.exp`` 1; compares, selects, index and
-integer work 0; per-splat factors hoisted out of the pixel loop (``1/l11``, ``l21/l22``) and the
-padding lanes of ``C_PAD`` are not counted. A reduction's adds count 1 per element summed (the
-tree's adds plus the accumulate). With C channels:
+**FLOPs per splat-pixel evaluation**, counted from the Triton kernels' shared lines
+(``kernels/triton_common.py``). An add, a subtract or a multiply counts 1 (a fused multiply-add 2),
+``tl.exp`` 1; compares, selects, index and integer work 0; per-splat factors hoisted out of the
+pixel loop and the padding lanes of ``C_PAD`` are not; a reduction's adds count 1 per element
+summed. With C channels (the colour adjoint: the weight and 2 per channel and 2 for ``w^2``):
 
 - the weight, :data:`WEIGHT_FLOPS` = 11: ``dx, dy`` 2; ``z1 = dx * inv_l11`` 1;
   ``z2 = (dy - l21 z1) * inv_l22`` 3; ``d^2 = z1^2 + z2^2`` 3; ``-0.5 d^2`` 1; ``exp`` 1.
@@ -49,6 +47,12 @@ def flops_backward(channels: int) -> int:
     return WEIGHT_FLOPS + 2 * channels + (2 * channels - 1) + CHAIN_FLOPS
 
 
+def flops_adjoint(channels: int) -> int:
+    """FLOPs of one splat-pixel evaluation in the colour adjoint: 11 + 2C + 2 (the weight, ``w r`` into
+    the C sums, ``w^2`` into the norm)."""
+    return WEIGHT_FLOPS + 2 * channels + 2
+
+
 def splat_record_bytes(channels: int) -> int:
     """Bytes a kernel reads per splat: centre (2 fp32), Cholesky factor (3), colour (C), valid (1 byte)."""
     return 4 * (5 + channels) + 1
@@ -80,6 +84,7 @@ CPU_PEAK_GFLOPS = {"two_cores": 190.0, "one_core": 95.0}
 METHOD = {  # written into gpu_check.json beside the figures
     "evaluation": "one splat's weight computed at one pixel (padding lanes not counted)",
     "flops_per_evaluation": {"forward": "11 + 2C (17 at C = 3)", "backward": "26 + 4C (38 at C = 3)",
+                             "adjoint": "13 + 2C (19 at C = 3)",
                              "counting": "add, multiply and exp 1; compares, selects, integer work 0 (cost_model.py)"},
     "bytes_model": {
         "meaning": "bytes requested from global memory, as if no cache served any of them",
@@ -143,6 +148,11 @@ def pass_costs(counts: dict[str, Any], channels: int = 3) -> dict[str, dict[str,
             "bytes_requested": per_image["tiled_backward"] * 4 * channels + n_splats * (record + 16 + grad_bytes),
             "bytes_unique": image_bytes + n_splats * (record + 16 + grad_bytes),
         },
+        "adjoint": {  # the tile-culled colour adjoint (both Triton backends): the backward's evaluations
+            "flops": per_image["tiled_backward"] * flops_adjoint(channels),
+            "bytes_requested": per_image["tiled_backward"] * 4 * channels + n_splats * (record + 20 + 4 * channels),
+            "bytes_unique": image_bytes + n_splats * (record + 20 + 4 * channels),
+        },
     }
 
 
@@ -160,7 +170,8 @@ def roofline(counts: dict[str, Any], peaks: dict[str, Any], steps: int = 1000) -
             entry = result["per_image_pass"].setdefault(name, {**cost})
             entry[model] = {"seconds": max(compute, memory), "bound": "compute" if compute >= memory else "memory",
                             "flops_per_byte": cost["flops"] / cost[byte_key]}
-            step_seconds[name.split("_")[0]] += max(compute, memory)
+            if name != "adjoint":  # the images/s below are of the render passes only
+                step_seconds[name.split("_")[0]] += max(compute, memory)
         result[model] = {
             "dense_images_per_s": 1.0 / (steps * step_seconds["dense"]),
             "tiled_images_per_s": 1.0 / (steps * step_seconds["tiled"]),

@@ -9,16 +9,13 @@ drawn from a word list (almost every one distinct, as web captions are), a ``.js
 (grid-initialized splats, the image's bytes and the caption carried as the fit stage writes them).
 A data set of ``n`` samples is the first ``n / per_shard`` shards.
 
-Each stage and size runs the real stage function for ONE full epoch in a fresh child process
-(:func:`benchmarks.harness.run_in_child`, one thread): :func:`gsclip_lib.stages.pretrain.pretrain_rgb`
-and :func:`gsclip_lib.stages.align.align_level` (one epoch of distillation, one of contrastive
-alignment; its teacher the same tiny CLIP, untrained), with ``params.yaml``'s loader, shuffle buffer,
-text cache and optimizer, the tiny model :data:`TINY_CLIP`, ``--batch-size`` and ``--set`` overrides.
-The child records its RSS right after its imports (the baseline), its peak (the harness's method:
-the child's ``ru_maxrss``) at the end of each training stage and at the end, a ``VmRSS`` trace
-against the samples read, the samples read (and the stage's own count), the steps and the seconds.
-``--variant STAGE:GROUP.KEY=VALUE`` runs a stage again with one more override (default: ``align``
-without the caption embedding cache, :data:`DEFAULT_VARIANTS`; ``--no-variants`` skips it).
+Each stage and size runs the real stage function (``pretrain_rgb``; ``align_level``: one epoch of
+distillation, one of contrastive alignment) for ONE full epoch in a fresh child process
+(:func:`benchmarks.harness.run_in_child`, one thread), with ``params.yaml``'s loader and optimizer,
+the tiny model :data:`TINY_CLIP` and ``--set`` overrides. The child records its RSS after its
+imports (the baseline), its peak (``ru_maxrss``) at the end of each stage, a ``VmRSS`` trace against
+the samples read, the steps and the seconds. ``--variant STAGE:GROUP.KEY=VALUE`` runs a stage again
+with one more override (default: ``align`` without the caption cache; ``--no-variants`` skips it).
 
 The JSON holds those records per stage (and variant) and size; per stage the ratio of the peaks of
 the largest and the smallest size (bound: at most 1.2) and of the growth above the import baseline.

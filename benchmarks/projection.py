@@ -4,26 +4,19 @@
 into the time and GPU-hours of the paper-scale run (``profiles/paper.yaml``: 12.8 M DataComp images,
 224x224 RGB, its four splat levels, a ViT-B-16 teacher) on 8 GPUs:
 
-- **Fitting.** The pipeline fits each image once at the top level (``fit.optimizer.iterations``
-  steps) and reaches the lower levels by a prune cascade, ``prune.refit_iterations`` steps per level.
-  Per-step GPU cost: the roofline time of one render pass (forward, backward; dense and tile-culled
-  Triton kernels) per image and splat count, from the evaluation counts of ``benchmarks/gpu_check.json``
-  and the one FLOP and byte model, :mod:`benchmarks.cost_model`; or, when gpu_check.json's ``gpu``
-  section holds a real CUDA run, the measured kernel times (scaled to the other counts by the
-  roofline). A fitting step with ``colour_solve: every_step`` is more than one render: the
-  matrix-free CG colour solve runs renders and adjoints too, counted by :func:`passes_per_step`.
-  The CPU-only figure uses the measured CPU seconds per step of ``benchmarks/fitting.json``.
-- **Training.** FLOPs per sample counted on this CPU with ``torch.utils.flop_counter.FlopCounterMode``
-  at batch 1 on the paper profile's models, built with random weights as the align stage builds
-  them: the RGB teacher's image-tower forward, the splat tower forward and backward (frozen blocks
-  included: their input gradients are real work), the text tower forward. FLOPs become GPU time
-  at an assumed peak and model FLOP utilization (:data:`PEAK_FLOPS`, :data:`MFU`).
-- **Data.** One JPEG decode per sample per epoch (the splat shards carry their source image, decoded
-  in both stages), measured here single-threaded, gives the CPU cores per GPU the loader needs.
+- **Fitting.** Each image is fitted once at the top level (``fit.optimizer.iterations`` steps),
+  then refitted down the prune cascade (``prune.refit_iterations`` steps a level). A pass costs the
+  :mod:`benchmarks.cost_model` roofline on ``gpu_check.json``'s evaluation counts, or the kernel
+  times of a measured CUDA run there; a step costs the passes the fitter counts itself
+  (:func:`measured_passes`: renders, backwards, colour adjoints). The CPU-only figure uses the CPU
+  seconds per step of ``benchmarks/fitting.json``.
+- **Training.** FLOPs per sample counted with ``FlopCounterMode`` on the profile's models (random
+  weights): the teacher's image forward, the splat tower's forward and backward, the text forward;
+  GPU time at an assumed peak and model FLOP utilization (:data:`PEAK_FLOPS`, :data:`MFU`).
+- **Data.** One JPEG decode per sample per epoch, measured here, gives the loader's cores per GPU.
 
-Everything is per image times 12.8 M times epochs; fitting and training scale perfectly over the 8
-GPUs (data-parallel, no communication cost counted). What is measured and what is assumed is written
-into the JSON beside the numbers.
+Everything is per image times 12.8 M times epochs, perfectly data-parallel over the 8 GPUs; what is
+measured and what is assumed is written into the JSON beside the numbers.
 """
 
 from __future__ import annotations
@@ -41,6 +34,7 @@ import torch
 from benchmarks.cost_model import ROOFLINE_DEVICE, device_peaks, roofline
 from benchmarks.harness import command_line, file_provenance, format_table, machine_info
 from gsclip_lib.atomic_files import write_json
+from gsclip_lib.splats.fitting import fit_splats
 
 PAPER_IMAGES = 12_800_000  # DataComp's small pool as the paper uses it
 NUM_GPUS = 8
@@ -63,35 +57,33 @@ def fit_plan(params: Any) -> list[dict[str, int]]:
     return plan
 
 
-def passes_per_step(colour_solve: str, cg_iterations: int) -> dict[str, int]:
-    """Render passes of one fitting step on the GPU (Triton backend), from gsclip_lib/splats/fitting.py
-    and least_squares.py.
-
-    The geometry step is one forward and one backward. ``every_step`` adds a CG solve: the adjoint
-    ``W^T y`` (autograd on the GPU: a forward and a backward), the residual's ``W^T W c`` (a render and
-    an adjoint) and per CG iteration another render and adjoint; the Jacobi diagonal is analytic
-    (free). So a step is (4 + 2 cg) forwards and (3 + cg) backwards: 10 and 6 at cg = 3. ``sparse``
-    and ``none`` solve only now and then: one forward and one backward a step.
-    """
-    if colour_solve == "every_step":
-        return {"forward": 4 + 2 * cg_iterations, "backward": 3 + cg_iterations}
-    return {"forward": 1, "backward": 1}
+def measured_passes(settings: Any, steps: int = 3) -> dict[str, dict[str, float]]:
+    """The render passes the fitter runs with ``settings``, as it counts them itself (``FitResult.passes``):
+    ``per_step`` and, once per fit, ``per_fit`` (the final colour solve). Two short fits of one 48x48
+    image with 64 splats (a CG solve, as on the paper's photos) on the C++ backend, whose adjoint is a
+    kernel of its own as on the GPU; their difference is ``steps`` steps' worth."""
+    image = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    runs = [fit_splats(image, 64, settings.replace(iterations=n, backend="cpu"), progress=False).passes
+            for n in (steps, 2 * steps)]
+    per_step = {kind: (runs[1][kind] - runs[0][kind]) / steps for kind in runs[0]}
+    return {"per_step": per_step, "per_fit": {kind: runs[0][kind] - steps * per_step[kind] for kind in runs[0]}}
 
 
-RENDER_ONLY = {"forward": 1, "backward": 1}
+RENDER_ONLY = {"per_step": {"forward": 1, "backward": 1, "adjoint": 0}, "per_fit": {}}
 
 
 def roofline_pass_seconds(gpu_check: dict[str, Any]) -> dict[int, dict[str, dict[str, dict[str, float]]]]:
-    """``{N: {kernel: {model: {forward, backward}}}}``: seconds of one render pass of one image, the
-    cost model's roofline on gpu_check.json's evaluation counts."""
+    """``{N: {kernel: {model: {forward, backward, adjoint}}}}``: seconds of one pass of one image, the
+    cost model's roofline on gpu_check.json's evaluation counts (the adjoint: the tile-culled one)."""
     table: dict[int, dict[str, dict[str, dict[str, float]]]] = {}
     peaks = device_peaks(ROOFLINE_DEVICE)
     for counts in gpu_check["evaluation_counts"]:
         entry = roofline(counts, peaks)
         per_pass = entry["per_image_pass"]
         table[int(entry["num_splats"])] = {
-            kernel: {model: {direction: float(per_pass[f"{kernel}_{direction}"][model]["seconds"])
-                             for direction in ("forward", "backward")}
+            kernel: {model: {**{direction: float(per_pass[f"{kernel}_{direction}"][model]["seconds"])
+                                for direction in ("forward", "backward")},
+                             "adjoint": float(per_pass["adjoint"][model]["seconds"])}
                      for model in ("no_cache_reuse", "cache_reuse")}
             for kernel in ("dense", "tiled")
         }
@@ -131,21 +123,25 @@ def gpu_pass_seconds(gpu_check: dict[str, Any]) -> tuple[dict, str]:
             values = {direction: models["no_cache_reuse"][direction]
                       * measured["per_image_pass"][kernel][direction] / anchor[kernel]["no_cache_reuse"][direction]
                       for direction in ("forward", "backward")}
+            values["adjoint"] = models["no_cache_reuse"]["adjoint"] * values["backward"] / models["no_cache_reuse"][
+                "backward"]  # not timed by gpu_check: the backward's measured / roofline ratio
             scaled[count][kernel] = {"no_cache_reuse": values, "cache_reuse": dict(values)}
     return scaled, (f"measured on {measured['device']} at {measured['num_splats']} splats, batch {measured['batch']} "
                     "(gpu_check.json gpu.benchmark), scaled to the other counts by the roofline")
 
 
-def step_seconds(pass_seconds: dict[str, float], passes: dict[str, int]) -> float:
-    return passes["forward"] * pass_seconds["forward"] + passes["backward"] * pass_seconds["backward"]
+def pass_seconds_sum(pass_seconds: dict[str, float], passes: dict[str, float]) -> float:
+    return sum(count * pass_seconds[kind] for kind, count in passes.items())
 
 
 def fit_seconds_per_image(plan: list[dict[str, int]], pass_table: dict, kernel: str, model: str,
-                          passes: dict[str, int]) -> dict[str, Any]:
-    """GPU seconds to fit one image through ``plan``, with the per-level split."""
-    levels = [{"num_splats": fit["num_splats"], "steps": fit["steps"], "role": fit["role"],
-               "seconds": fit["steps"] * step_seconds(pass_table[fit["num_splats"]][kernel][model], passes)}
-              for fit in plan]
+                          passes: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """GPU seconds to fit one image through ``plan`` (each level: its steps, then its final solve)."""
+    levels = []
+    for fit in plan:
+        one = pass_table[fit["num_splats"]][kernel][model]
+        seconds = fit["steps"] * pass_seconds_sum(one, passes["per_step"]) + pass_seconds_sum(one, passes["per_fit"])
+        levels.append({"num_splats": fit["num_splats"], "steps": fit["steps"], "role": fit["role"], "seconds": seconds})
     return {"levels": levels, "seconds": sum(level["seconds"] for level in levels)}
 
 
@@ -176,7 +172,7 @@ def project_fitting(params: Any, fitting: dict[str, Any], gpu_check: dict[str, A
                     images: int = PAPER_IMAGES, gpus: int = NUM_GPUS) -> dict[str, Any]:
     settings = params.fit.optimizer
     plan = fit_plan(params)
-    full = passes_per_step(settings.colour_solve, settings.cg_iterations)
+    full = measured_passes(settings)
     pass_table, source = gpu_pass_seconds(gpu_check)
     variants = {}
     for kernel in ("tiled", "dense"):
@@ -184,7 +180,7 @@ def project_fitting(params: Any, fitting: dict[str, Any], gpu_check: dict[str, A
             for step_name, passes in (("full_step", full), ("render_only", RENDER_ONLY)):
                 per_image = fit_seconds_per_image(plan, pass_table, kernel, model, passes)
                 variants[f"{kernel}/{model}/{step_name}"] = {
-                    "kernel": kernel, "roofline_model": model, "step": step_name, "passes_per_step": passes,
+                    "kernel": kernel, "roofline_model": model, "step": step_name, "passes": passes,
                     "per_image": per_image, **totals(per_image["seconds"], images, gpus),
                 }
     bottom = min(pass_table)  # the paper's own figure is for this level fitted on its own
@@ -201,8 +197,8 @@ def project_fitting(params: Any, fitting: dict[str, Any], gpu_check: dict[str, A
     cpu_direct = settings.iterations * cpu[bottom]["core_seconds_per_step"]
     return {
         "plan": plan,
-        "passes_per_step": {"full_step": full, "render_only": RENDER_ONLY,
-                            "colour_solve": settings.colour_solve, "cg_iterations": settings.cg_iterations},
+        "passes": {"full_step": full, "render_only": RENDER_ONLY, "colour_solve": settings.colour_solve,
+                   "cg_iterations": settings.cg_iterations, "source": "measured_passes: the fitter's own counts"},
         "gpu_pass_source": source,
         "pass_seconds_per_image": {str(n): v for n, v in pass_table.items()},
         "variants": variants,
@@ -315,11 +311,8 @@ def training_flops(params: Any, levels: list[int], batch: int = 1, seed: int = 0
         "teacher_forward_flops": teacher_count["flops"] / batch,
         "text_forward_flops": text_count["flops"] / batch,
         "student": student,
-        "counting": ("torch.utils.flop_counter.FlopCounterMode on the CPU, random weights, fp32; a multiply-add "
-                     "is 2 FLOPs; matrix products, convolutions and attention counted (the CPU flash-attention "
-                     "kernels with torch's sdpa formulas; MHA fast path off), element-wise work, norms, the "
-                     "loss and the optimizer update not counted; the student's backward flows through the "
-                     "frozen blocks (input gradients only there)"),
+        "counting": ("FlopCounterMode, CPU, random weights, fp32, a multiply-add is 2; matrix products, convolutions "
+                     "and attention only; the student's backward flows through the frozen blocks"),
         "seconds": time.perf_counter() - started,
     }
 
@@ -478,9 +471,10 @@ def assumptions(params: Any) -> dict[str, str]:
                         "gpu_check.json records a measured CUDA run; headline: "
                         f"{HEADLINE_MODEL} (every request goes to DRAM, the slower bound); a roofline is a lower "
                         "bound on time, real kernels are slower"),
-        "fitting_step": ("a step is the render passes of passes_per_step (colour_solve "
-                         f"{params.fit.optimizer.colour_solve}, cg {params.fit.optimizer.cg_iterations}); Adam, "
-                         "re-seeding, binning beyond the roofline's sort model and the final solve are not counted"),
+        "fitting_step": ("a step is the forward, backward and adjoint passes the fitter counts itself "
+                         f"(measured_passes; colour_solve {params.fit.optimizer.colour_solve}, cg "
+                         f"{params.fit.optimizer.cg_iterations}), plus each fit's final solve; Adam, re-seeding "
+                         "and binning beyond the roofline's sort model are not counted"),
         "fitting_plan": (f"top level {params.fit.num_splats} splats x {params.fit.optimizer.iterations} steps, then "
                          f"{params.prune.levels} at {params.prune.refit_iterations} refit steps each"),
         "fitting_cpu": "CPU seconds per step measured on 224x224 photos (fitting.json), one thread, applied per image",

@@ -1,15 +1,13 @@
-"""Ablation of the splat tower's recipe at one level (METHOD.md section 2, README "Splat tower ablation").
+"""Ablation of the splat tower's recipe at one level (METHOD.md section 2; README "Benchmarks").
 
 ``python -m benchmarks.tower_ablation [--level 22] [--variants a,b] [--out benchmarks/tower_ablation.json]``
 
-It needs a finished default run (``make repro``): the trained RGB model, the level's fitted train and
-eval splats and the evaluation shards. Each variant is ``params.yaml`` with a few ``--set`` overrides
-(:data:`VARIANTS`); it is aligned exactly as the ``align@N`` stage aligns (same code, its own
-checkpoint folder under ``data/ablation/``) and scored zero-shot on the level's eval splats as the
-``evaluate`` stage scores it. The JSON holds, per variant, its overrides, top-1 / top-5, top-1 relative to
-the RGB model on pixels, the final losses and the CPU seconds; beside them the RGB model's top-1 on
-the pixels and on the level's splats rendered back. Results are merged into an existing file and
-saved after every variant, so a long run can be stopped and continued with ``--variants``.
+After ``make repro``, each variant (:data:`VARIANTS`: ``params.yaml`` with a few ``--set``
+overrides) is aligned exactly as the ``align@N`` stage aligns (its own checkpoint folder under
+``data/ablation/``) and scored zero-shot on the level's eval splats as ``evaluate`` scores it. The
+JSON holds per variant its overrides, top-1 / top-5, top-1 relative to RGB, the final losses and CPU
+seconds, beside the RGB model's top-1 on pixels and on the splats rendered back; it is saved after
+every variant, so a long run can be continued with ``--variants``.
 """
 
 from __future__ import annotations

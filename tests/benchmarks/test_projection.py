@@ -19,7 +19,7 @@ from benchmarks.projection import (
     PAPER_IMAGES,
     count_flops,
     gpu_pass_seconds,
-    passes_per_step,
+    measured_passes,
     roofline_pass_seconds,
 )
 from gsclip_lib.params import load_params
@@ -67,21 +67,28 @@ def test_structure_and_inputs(report, params) -> None:
     assert any(item.startswith("paper") for item in items) and any(item.startswith("total") for item in items)
 
 
-def test_passes_per_step() -> None:
-    assert passes_per_step("every_step", 3) == {"forward": 10, "backward": 6}
-    assert passes_per_step("every_step", 0) == {"forward": 4, "backward": 3}
-    assert passes_per_step("sparse", 3) == passes_per_step("none", 3) == {"forward": 1, "backward": 1}
+def test_the_passes_are_the_fitters_own_counts(params) -> None:
+    # colour_solve every_step with 3 CG iterations: a step renders once for the loss and once per
+    # product of the solve (1 + 3), takes one backward, and runs 6 adjoints (the norms, W^T y and
+    # one per product); each fit ends with one more solve.
+    settings = params.fit.optimizer.replace(colour_solve="every_step", cg_iterations=3)
+    passes = measured_passes(settings, steps=2)
+    assert passes["per_step"] == {"forward": 5, "backward": 1, "adjoint": 6}
+    assert passes["per_fit"] == {"forward": 4, "backward": 0, "adjoint": 6}
+    adam_only = measured_passes(settings.replace(colour_solve="none"), steps=2)
+    assert adam_only["per_step"] == {"forward": 1, "backward": 1, "adjoint": 0}
 
 
 def test_fitting_arithmetic(report) -> None:
     fitting = report["fitting"]
     table = fitting["pass_seconds_per_image"]
     for variant in fitting["variants"].values():
-        passes = variant["passes_per_step"]
+        passes = variant["passes"]
         expected = 0.0
         for level in variant["per_image"]["levels"]:
             one = table[str(level["num_splats"])][variant["kernel"]][variant["roofline_model"]]
-            seconds = level["steps"] * (passes["forward"] * one["forward"] + passes["backward"] * one["backward"])
+            seconds = (level["steps"] * sum(n * one[kind] for kind, n in passes["per_step"].items())
+                       + sum(n * one[kind] for kind, n in passes["per_fit"].items()))
             assert level["seconds"] == pytest.approx(seconds)
             expected += seconds
         assert variant["seconds_per_sample"] == pytest.approx(expected)
