@@ -10,7 +10,8 @@ All of them share one signature, the PyTorch twin's (``kernels.rasterize_torch``
 Here, once for all of them:
 
 - :func:`rasterizer_args` checks that call (shapes, dtypes, devices, sizes, the cutoff) and gives
-  back the sizes and cutoff as plain numbers; :func:`cutoff_args` is the cutoff as the Triton
+  back the sizes and cutoff as plain numbers; :func:`colour_adjoint_args` checks the colour
+  adjoints' call, ``(image, positions, cholesky, valid, cutoff)``, the same way; :func:`cutoff_args` is the cutoff as the Triton
   kernels take it;
 - :func:`kernel_inputs` makes the copies a compiled kernel reads: contiguous fp32 splat tensors and
   a one-byte mask;
@@ -141,3 +142,28 @@ def grads_for_inputs(ctx, grads: tuple[Tensor, Tensor, Tensor]) -> tuple:
     inputs) in the callers' dtypes, then None for every other input of ``forward``."""
     others = len(ctx.needs_input_grad) - len(grads)
     return (*(grad.to(dtype) for grad, dtype in zip(grads, ctx.dtypes)), *(None,) * others)
+
+
+def colour_adjoint_args(
+    image: Tensor,  # [B, C, H, W] floating point
+    positions: Tensor,  # [B, N, 2]
+    cholesky: Tensor,  # [B, N, 3]
+    valid: Tensor,  # [B, N] bool
+    cutoff: float,
+) -> float:  # the cutoff as a float
+    """ValueError naming the problem unless a colour adjoint's arguments fit together: the splat
+    tensors as a render takes them (:func:`kernels.arguments.check_rasterizer_inputs`), and a
+    floating-point ``[B, C >= 1, H, W]`` image of the same batch on the same device."""
+    if not isinstance(image, Tensor) or not image.is_floating_point() or image.dim() != 4 or image.shape[1] < 1:
+        got = f"{tuple(image.shape)} {image.dtype}" if isinstance(image, Tensor) else type(image).__name__
+        raise ValueError(f"image must be a floating-point [B, C, H, W] tensor with C >= 1, got {got}")
+    # The splat tensors are checked as a render's, with a memory-less stand-in for the colours
+    # shaped to agree with them, so that every complaint names the tensor that is wrong.
+    splat_shape = tuple(positions.shape[:2]) if isinstance(positions, Tensor) and positions.dim() == 3 else (0, 0)
+    stand_in = torch.zeros((), dtype=image.dtype, device=getattr(positions, "device", image.device))
+    check_rasterizer_inputs(positions, cholesky, stand_in.expand(*splat_shape, image.shape[1]), valid)
+    if image.shape[0] != positions.shape[0]:
+        raise ValueError(f"image must be [B, C, H, W] with B = {positions.shape[0]}, got {tuple(image.shape)}")
+    if image.device != positions.device:
+        raise ValueError(f"image must be on the splats' device {positions.device}, got {image.device}")
+    return check_cutoff(cutoff)

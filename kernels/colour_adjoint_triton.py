@@ -28,8 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.arguments import cutoff_args, fp32_copy
-from kernels.rasterize_torch import colour_adjoint_args
+from kernels.arguments import colour_adjoint_args, cutoff_args, fp32_copy
 from kernels.tiling import splat_pixel_boxes
 from kernels.triton_common import box_block_weights, load_program_splat, load_splat_box
 
