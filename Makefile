@@ -59,9 +59,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check --select F,E9 gsclip_lib kernels benchmarks tests
 
 # The fitter's PSNR against steps and time, pruning and the CPU rasterizer (benchmarks/fitting.json,
-# about 8 min), peak memory of the streaming training stages at 10,000 and 100,000 samples
+# about 20 min), peak memory of the streaming training stages at 10,000 and 100,000 samples
 # (memory.json, about 12 min) and the projection of the paper-scale run (projection.json, about
-# 1.5 min, from fitting.json and gpu_check.json): about 22 minutes on 2 cores. The splat tower
+# 1 min, from fitting.json and gpu_check.json): about 33 minutes on 2 cores. The splat tower
 # ablation (python -m benchmarks.tower_ablation, tower_ablation.json) needs a finished `make repro`
 # and about 40 minutes, so it runs on its own.
 bench: $(STAMP)

@@ -94,8 +94,12 @@ METHOD = {  # written into gpu_check.json beside the figures
                            "pixel); + records read and gradients written once"),
         "tiled_forward": (f"per (tile, splat) pair: a record and a 4-byte index; {SORT_BYTES_PER_PAIR} bytes of "
                           "binning sort per pair; records read once for the boxes; + the image written"),
-        "tiled_backward": ("every evaluation reads its pixel's cotangent (4C bytes: one splat per program); + per "
-                           "splat its record, its 16-byte box, its gradients written"),
+        "tiled_backward": ("per (tile, splat) pair: a record and a 4-byte index, and its partial gradients "
+                           "written (4 (5 + C) bytes); the image cotangent read once; the partials summed per "
+                           "splat: read, permuted to splat order (8-byte index) and read again, + the gradients "
+                           "written"),
+        "adjoint": ("the tiled forward's binning and lists; per pair its partial sums (4 (C + 1) bytes) written "
+                    "and summed per splat as the backward's; the image read once; + the results written"),
     },
     "bytes_unique": "each tensor once per pass per image, plus the binning's sort and lists (caches hold one image)",
     "roofline": ("time of a pass = max(flops / peak FLOP/s, bytes / peak bandwidth), with requested bytes "
@@ -143,17 +147,26 @@ def pass_costs(counts: dict[str, Any], channels: int = 3) -> dict[str, dict[str,
             "bytes_requested": per_image["pairs"] * (record + 4) + binning + n_splats * record + image_bytes,
             "bytes_unique": binning + n_splats * record + image_bytes,
         },
-        "tiled_backward": {
+        "tiled_backward": {  # one program per tile (kernels/rasterize_triton_tiled.py), partials summed per splat
             "flops": per_image["tiled_backward"] * flops_backward(channels),
-            "bytes_requested": per_image["tiled_backward"] * 4 * channels + n_splats * (record + 16 + grad_bytes),
-            "bytes_unique": image_bytes + n_splats * (record + 16 + grad_bytes),
+            "bytes_requested": per_image["pairs"] * (record + 4) + image_bytes
+            + pair_sums_bytes(per_image["pairs"], grad_bytes) + n_splats * (record + grad_bytes),
+            "bytes_unique": image_bytes + pair_sums_bytes(per_image["pairs"], grad_bytes) + n_splats * (record + grad_bytes),
         },
-        "adjoint": {  # the tile-culled colour adjoint (both Triton backends): the backward's evaluations
+        "adjoint": {  # the tile-culled colour adjoint: binned per call, then the backward's shape
             "flops": per_image["tiled_backward"] * flops_adjoint(channels),
-            "bytes_requested": per_image["tiled_backward"] * 4 * channels + n_splats * (record + 20 + 4 * channels),
-            "bytes_unique": image_bytes + n_splats * (record + 20 + 4 * channels),
+            "bytes_requested": binning + per_image["pairs"] * (record + 4) + n_splats * record + image_bytes
+            + pair_sums_bytes(per_image["pairs"], 4 * (channels + 1)) + n_splats * 4 * (channels + 1),
+            "bytes_unique": binning + n_splats * record + image_bytes
+            + pair_sums_bytes(per_image["pairs"], 4 * (channels + 1)) + n_splats * 4 * (channels + 1),
         },
     }
+
+
+def pair_sums_bytes(pairs: float, row_bytes: int) -> float:
+    """Bytes of a tile-parallel kernel's per-pair partial sums: written by the kernel, then read,
+    scattered into splat order by an 8-byte index and read again by the per-splat sum."""
+    return pairs * (4 * row_bytes + 8)
 
 
 def roofline(counts: dict[str, Any], peaks: dict[str, Any], steps: int = 1000) -> dict[str, Any]:

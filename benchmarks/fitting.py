@@ -2,13 +2,16 @@
 pruning, and the rasterizer's speed.
 
 ``python -m benchmarks.fitting --out benchmarks/fitting.json [--quick] [--sections a,b] [--threads 1]``
-(``make bench``; about 8 minutes on this 2-core machine) writes one JSON file with five sections:
+(``make bench``; about 20 minutes on this 2-core machine) writes one JSON file with five sections:
 
 - ``small_gray``: the first 1,000 Fashion-MNIST training images at ``fit.num_splats`` splats,
   ``fit.optimizer`` for its own step count and for 300 steps: PSNR against steps, wall and CPU time.
-- ``photos``: scikit-image's astronaut and coffee at the paper profile's image size and splat counts
-  (``profiles/paper.yaml``), ``fit_photos.optimizer`` for the profile's ``fit_photos`` step count, as
-  curves. Target: the paper's 37.4 dB at the largest count. ``projection.py`` reads its CPU s/step.
+- ``schedules``: two photo sets (the paper profile's photo stage photos, and four others) at the
+  profile's image size, at its largest and smallest splat counts: the paper's recipe for its 2,000
+  steps, params.yaml's photo schedule, and the profile's chosen schedule fitted once per step of a
+  grid. Each chosen fit's PSNR against the recipe's on that set + a margin (on the stage's photos at
+  the largest count at least the paper's 37.4 dB) gives the steps the profile needs
+  (``projection.py`` reads them, and the passes per step the fitter counts).
 - ``prune_small`` / ``prune_photos``: a large fit at the first of the levels (``params.yaml``'s, on
   the 1,000 images; the paper's, on the photos), then the cascade down the others, each level pruned
   from the previous level's refit, per pruning score: PSNR right after pruning (kept colours, and
@@ -61,9 +64,12 @@ from kernels.rasterize_windowed import compile_enabled, rasterize_windowed_torch
 
 PARAMS = load_params(ROOT / "params.yaml")
 PAPER = paper_params()
-SECTIONS = ("small_gray", "photos", "prune_small", "prune_photos", "rasterizer")
+SECTIONS = ("small_gray", "schedules", "prune_small", "prune_photos", "rasterizer")
 SMALL = PARAMS.fit.optimizer  # the fitter at 28x28
-PHOTO = PARAMS.fit_photos.optimizer  # the fitter on photographs
+PHOTO = PARAMS.fit_photos.optimizer  # the fitter on photographs (the schedules' "previous")
+# The paper profile's fitter (the schedules' "chosen"), on this machine's backend (its kernels are twins).
+CHOSEN = PAPER.fit.optimizer.replace(backend=PHOTO.backend)
+PAPER_RECIPE = PHOTO.replace(colour_solve="none", reseed_every=0)  # the paper's fit as it describes it
 PAPER_PSNR_DB = 37.4  # the paper's figure at its largest count, 224x224
 HALVING_COST_DB = 3.0  # PSNR lost from the large fit to half its count, after the refit
 PEAK_FRACTION_TARGET = 0.10  # the rasterizer's useful GFLOP/s over the machine's fp32 peak
@@ -78,10 +84,15 @@ class BenchmarkSettings:
     small_splats: int = PARAMS.fit.num_splats
     small_steps: tuple[int, ...] = (SMALL.iterations, 300)
     small_log_every: int = 5  # steps between curve points (only the logging: not the algorithm)
-    photos: tuple[str, ...] = ("astronaut", "coffee")
+    photos: tuple[str, ...] = ("astronaut", "coffee")  # pruning and the rasterizer
     photo_size: int = PAPER.data.image_size
-    photo_counts: tuple[int, ...] = paper_splat_counts()  # also the photos' pruning levels
-    photo_steps: int = PAPER.fit_photos.optimizer.iterations
+    photo_counts: tuple[int, ...] = paper_splat_counts()  # the photos' pruning levels
+    stage_photos: tuple[str, ...] = tuple(PAPER.fit_photos.photos)  # schedules: the photo stage's set ...
+    other_photos: tuple[str, ...] = ("hubble_deep_field", "immunohistochemistry", "camera", "coins")  # ... and another
+    schedule_counts: tuple[int, ...] = (max(paper_splat_counts()), min(paper_splat_counts()))
+    step_grid: tuple[int, ...] = (100, 200, 300, 400, 500, 600, 800, 1000)  # the chosen schedule's fits
+    recipe_steps: int = 2000  # the paper's iteration count
+    margin_db: float = 0.3
     photo_log_every: int = 25
     prune_levels: tuple[int, ...] = tuple(PARAMS.levels())
     prune_scores: tuple[str, ...] = ("luminance", "energy")
@@ -99,8 +110,9 @@ class BenchmarkSettings:
 
     @classmethod
     def quick_settings(cls) -> "BenchmarkSettings":
-        return cls(images=64, small_steps=(15, 20), photo_size=64, photo_counts=(256, 128, 64, 32), photo_steps=20,
-                   photo_log_every=5, prune_refit_steps=5, prune_photo_large_steps=20, prune_photo_refit_steps=5, raster_photo_splats=256, warmup_steps=1,
+        return cls(images=64, small_steps=(15, 20), photo_size=64, photo_counts=(256, 128, 64, 32),
+                   schedule_counts=(256, 32), step_grid=(5, 10), recipe_steps=20, photo_log_every=5,
+                   stage_photos=("astronaut",), other_photos=("coffee",), prune_refit_steps=5, prune_photo_large_steps=20, prune_photo_refit_steps=5, raster_photo_splats=256, warmup_steps=1,
                    quick=True)
 
 
@@ -211,31 +223,83 @@ def small_gray_benchmark(images: Tensor, settings: BenchmarkSettings, progress: 
     }
 
 
-def photos_benchmark(photos: Tensor, settings: BenchmarkSettings, progress: bool) -> dict[str, Any]:
-    fit_settings = PHOTO.replace(iterations=settings.photo_steps, log_every=settings.photo_log_every)
-    bar = section_bar(len(settings.photo_counts), "photos", progress)
-    rows = []
-    for count in settings.photo_counts:
-        warm_up(photos, count, fit_settings, settings.warmup_steps)
-        _, record = timed_fit(photos, count, fit_settings, label=f"photos N={count}", progress=progress)
-        rows.append({"num_splats": count, "fit": record})
-        bar.update(1)
-        report(f"photos N={count}: {record['psnr_db']:.2f} dB ({record['cpu_seconds']:.1f} CPU s)")
+def schedule_fits(photos: Tensor, count: int, settings: BenchmarkSettings, progress: bool,
+                  published_floor: bool) -> dict[str, Any]:
+    """One photo set at one count: the paper's recipe (its curve), the previous schedule (its curve: it
+    solves at every step, so each point has solved colours) and the chosen one (a fit per grid step:
+    its curve points lack the final solve that a fit of that length ends with). With
+    ``published_floor`` the paper's published PSNR (an average over its own images, at its largest
+    count) is the least the recipe's reference may be."""
+    log = settings.photo_log_every
+    recipe = PAPER_RECIPE.replace(iterations=settings.recipe_steps, log_every=log)
+    previous = PHOTO.replace(iterations=max(settings.step_grid), log_every=log)
+    warm_up(photos, count, CHOSEN, settings.warmup_steps)
+    runs = {"paper_recipe": timed_fit(photos, count, recipe, label=f"recipe N={count}", progress=progress)[1],
+            "previous": timed_fit(photos, count, previous, label=f"previous N={count}", progress=progress)[1]}
+    grid = [timed_fit(photos, count, CHOSEN.replace(iterations=steps), label=f"chosen N={count} {steps}",
+                      progress=progress, keep_curve=False)[1] for steps in settings.step_grid]
+    runs["chosen"] = {"steps": [run["steps"] for run in grid], "psnr_db": [run["psnr_db"] for run in grid],
+                      "cpu_seconds": [run["cpu_seconds"] for run in grid], "per_image_psnr_db":
+                      [run.get("per_image_psnr_db") for run in grid]}
+    reference, published, needed = needed_psnr(runs["paper_recipe"]["psnr_db"], count, published_floor,
+                                               settings.margin_db)
+    chosen_curve = {"step": runs["chosen"]["steps"], "psnr": runs["chosen"]["psnr_db"]}
+    return {"num_splats": count, "runs": runs, "passes": {name: measured_step_passes(settings_)
+                                                          for name, settings_ in (("previous", PHOTO), ("chosen", CHOSEN))},
+            "reference_db": reference, "published_db": published, "needed_db": needed,
+            "steps_to_needed": {"chosen": first_reaching(chosen_curve, needed),
+                                "previous": first_reaching(runs["previous"]["curve"], needed)}}
+
+
+def needed_psnr(recipe_db: float, count: int, published_floor: bool, margin_db: float) -> tuple[float, float | None, float]:
+    """``(reference, published, needed)`` dB: the recipe's PSNR, raised to the paper's published figure
+    where it applies (with ``published_floor``, at the paper's largest count), plus the margin."""
+    published = PAPER_PSNR_DB if published_floor and count == max(paper_splat_counts()) else None
+    reference = max(recipe_db, published if published is not None else -math.inf)
+    return reference, published, reference + margin_db
+
+
+def measured_step_passes(settings: FitSettings) -> dict[str, float]:
+    """Render passes per step of a schedule, counted by the fitter on a 64x64 photo (CG size)."""
+    short = settings.replace(iterations=20, log_every=20)
+    photo = load_photos(["astronaut"], 64)
+    longer = fit_splats(photo, 256, short.replace(iterations=40), progress=False).passes
+    base = fit_splats(photo, 256, short, progress=False).passes
+    return {kind: (longer[kind] - base[kind]) / 20 for kind in base}
+
+
+def schedules_benchmark(sets: dict[str, Tensor], settings: BenchmarkSettings, progress: bool) -> dict[str, Any]:
+    bar = section_bar(len(sets) * len(settings.schedule_counts), "schedules", progress)
+    section: dict[str, Any] = {"sets": {}, "targets": {}}
+    for name, photos in sets.items():
+        entries = []
+        for count in settings.schedule_counts:
+            entries.append(schedule_fits(photos, count, settings, progress, published_floor=name == "stage"))
+            bar.update(1)
+            entry = entries[-1]
+            report(f"schedules {name} N={count}: needed {entry['needed_db']:.2f} dB, chosen reaches it after "
+                   f"{entry['steps_to_needed']['chosen']} steps, previous after {entry['steps_to_needed']['previous']}")
+        section["sets"][name] = {"photos": list(getattr(settings, f"{name}_photos")), "counts": entries}
+        for entry in entries:
+            count, steps = entry["num_splats"], entry["steps_to_needed"]["chosen"]
+            section["targets"][f"{name}_{count}_reached"] = target(
+                f"the chosen schedule reaches the paper recipe's PSNR on the {name} set (on the stage's photos at "
+                f"{max(paper_splat_counts())}: at least the paper's {PAPER_PSNR_DB} dB) + {settings.margin_db} dB at "
+                f"{count} splats within the step grid",
+                steps, "<=", max(settings.step_grid), needed_db=entry["needed_db"])
     bar.close()
-    section = {
-        "photos": list(settings.photos), "image_size": int(photos.shape[-1]), "channels": int(photos.shape[1]),
-        "steps": settings.photo_steps, "backend": resolve_backend(PHOTO.backend, photos.device), "counts": rows,
-        "method": ("all photos fitted together (one batch) at each count, after an untimed warm-up fit; curves as "
-                   f"in small_gray, every {settings.photo_log_every} steps; PSNR is the mean over the photos."),
-    }
-    largest = max(rows, key=lambda row: row["num_splats"])["fit"]
-    setting = {"image_size": section["image_size"], "num_splats": largest["num_splats"], "max_steps": largest["steps"]}
-    paper_setting = {"image_size": PAPER.data.image_size, "num_splats": PAPER.fit.num_splats,
-                     "max_steps": PAPER.fit_photos.optimizer.iterations}
-    section["targets"] = {"paper_psnr_within_steps": target(
-        "mean PSNR at the paper's largest count and image size after the paper profile's fit_photos steps",
-        largest["psnr_db"], ">=", PAPER_PSNR_DB, first_step_reaching=first_reaching(largest["curve"], PAPER_PSNR_DB),
-        setting=setting, at_target_setting=setting == paper_setting)}
+    section.update({
+        "image_size": settings.photo_size, "step_grid": list(settings.step_grid), "margin_db": settings.margin_db,
+        "schedules": {"previous": PHOTO.model_dump(), "chosen": CHOSEN.model_dump(), "paper_recipe":
+                      PAPER_RECIPE.replace(iterations=settings.recipe_steps).model_dump()},
+        "method": ("each photo set fitted as one batch at each count. paper_recipe: the paper's fit as it describes it "
+                   "(grid init, Adam on every parameter, its lambda, no colour solve, no re-seeding) for its "
+                   f"{settings.recipe_steps} iterations, step sizes of fit_photos.optimizer; previous: params.yaml's "
+                   "fit_photos.optimizer (a solve before every step); chosen: profiles/paper.yaml's fit.optimizer, one "
+                   "fit per grid step. needed_db = the recipe's PSNR on that set (on the stage's photos at the largest "
+                   "count at least the paper's published figure, an average over its own images) + margin_db; steps_to_needed: the first step reaching it. passes: per "
+                   "step, counted by the fitter over 20 steps of a 64x64 fit with 256 splats."),
+    })
     return section
 
 
@@ -419,11 +483,14 @@ def summary_table(result: dict[str, Any]) -> str:
                 for name, run in result["small_gray"]["runs"].items()]
         lines += ["small_gray:", format_table(["run", "steps", "PSNR dB", "CPU s", "wall s", "CPU s/step"], rows,
                                               ["", "d", ".2f", ".1f", ".1f", ".4f"])]
-    if "photos" in result:
-        rows = [[row["num_splats"], row["fit"]["steps"], row["fit"]["psnr_db"], row["fit"]["cpu_seconds"],
-                 "/".join(f"{value:.2f}" for value in row["fit"].get("per_image_psnr_db", []))]
-                for row in result["photos"]["counts"]]
-        lines += ["photos:", format_table(["N", "steps", "PSNR dB", "CPU s", "per photo"], rows, ["d", "d", ".2f", ".1f", ""])]
+    if "schedules" in result:
+        rows = [[name, entry["num_splats"], entry["runs"]["paper_recipe"]["psnr_db"], entry["needed_db"],
+                 fmt(entry["steps_to_needed"]["previous"]), fmt(entry["steps_to_needed"]["chosen"]),
+                 entry["passes"]["previous"], entry["passes"]["chosen"]]
+                for name, group in result["schedules"]["sets"].items() for entry in group["counts"]]
+        lines += ["schedules:", format_table(["set", "N", "recipe dB", "needed dB", "previous steps", "chosen steps",
+                                              "previous passes/step", "chosen passes/step"], rows,
+                                             ["", "d", ".2f", ".2f", "", "", "", ""])]
     for name in ("prune_small", "prune_photos"):
         if name in result:
             rows = [[score, step["num_splats"], step["total_steps"], step["pruned_no_refit_db"],
@@ -454,14 +521,16 @@ def run_sections(settings: BenchmarkSettings, sections: list[str], save: Callabl
 
     runs: dict[str, Callable[[], dict[str, Any]]] = {
         "small_gray": lambda: small_gray_benchmark(gray(), settings, progress),
-        "photos": lambda: photos_benchmark(photos(), settings, progress),
+        "schedules": lambda: schedules_benchmark(
+            {name: load_photos(list(getattr(settings, f"{name}_photos")), settings.photo_size) for name in ("stage", "other")},
+            settings, progress),
         "prune_small": lambda: prune_benchmark(
             gray(), settings.prune_levels, SMALL.replace(iterations=settings.small_steps[0]),
             SMALL.replace(iterations=settings.prune_refit_steps), settings.prune_scores, settings.prune_target_score,
             "prune_small", progress),
         "prune_photos": lambda: prune_benchmark(
-            photos(), settings.photo_counts, PHOTO.replace(iterations=settings.prune_photo_large_steps),
-            PHOTO.replace(iterations=settings.prune_photo_refit_steps), settings.prune_photo_scores,
+            photos(), settings.photo_counts, CHOSEN.replace(iterations=settings.prune_photo_large_steps),
+            CHOSEN.replace(iterations=settings.prune_photo_refit_steps), settings.prune_photo_scores,
             settings.prune_photo_scores[0], "prune_photos", progress),
         "rasterizer": lambda: rasterizer_benchmark(
             gray(), photos()[[list(settings.photos).index(settings.raster_photo)]], settings, progress),
@@ -487,7 +556,7 @@ def run_benchmark(settings: BenchmarkSettings, sections: list[str], out: str | P
                     "process's CPU time is the time the work itself took, whatever else runs; wall time is "
                     "recorded beside it. With more threads the rasterizer section times wall clock instead."),
         },
-        "fitters": {"small": SMALL.model_dump(), "photo": PHOTO.model_dump()},
+        "fitters": {"small": SMALL.model_dump(), "photo": PHOTO.model_dump(), "chosen": CHOSEN.model_dump()},
         "machine": {**machine_info(), "cpu_kernel_available": cpu_kernel_available(),
                     "compile_enabled": compile_enabled()},
     }

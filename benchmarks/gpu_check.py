@@ -129,7 +129,7 @@ def evaluation_counts(n_splats: int, image_size: int = IMAGE_SIZE, images: int =
     bins = bin_splats_to_tiles(splats.positions, splats.cholesky, splats.valid, image_size, image_size, cutoff,
                                tile_size)
     counts = count_evaluations(bins, n_splats, image_size, image_size)
-    keys = ("dense_forward", "dense_backward", "tiled_forward", "tiled_backward", "pairs")
+    keys = ("dense_forward", "dense_backward", "tiled_forward", "tiled_backward", "box", "pairs")
     per_image = {key: counts[key] / images for key in keys}
     return {
         "num_splats": n_splats, "image_size": image_size, "tile_size": tile_size, "cutoff": cutoff,

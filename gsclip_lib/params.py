@@ -53,7 +53,8 @@ class FitSettings(ConfigModel):
     lr_cholesky: float = PositiveFloat  # ... of the Cholesky factors, pixels
     lr_colours: float = PositiveFloat  # ... of the colours (unused when they are solved every step)
     colour_l1: float = Field(ge=0)  # lambda of the L1 penalty on colours
-    colour_solve: Literal["none", "sparse", "every_step"]  # least-squares colours: never, at start/re-seeds/end, always
+    colour_solve: Literal["none", "sparse", "periodic"]  # least-squares colours: never, at start/re-seeds/end, every k steps
+    solve_every: int = PositiveInt  # k of ``periodic``: steps between solves (1: every step, Adam leaves the colours alone)
     ridge: float = PositiveFloat  # relative ridge of the colour solve
     cg_iterations: int = Field(ge=1)  # conjugate-gradient steps per solve of a large image
     reseed_every: int = Field(ge=0)  # steps between error-guided re-seedings; 0: none

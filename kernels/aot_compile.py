@@ -10,8 +10,9 @@ Register budgets (:data:`REGISTER_BUDGETS`). A thread's registers decide how man
 hold (65,536 registers per SM on both targets, allocated per warp in units of 256): at 255 registers
 a block of 128 threads leaves room for 2 blocks, 8 warps of 64; at 128 registers for 4 blocks. The
 kernels that serve the fit (the tile-culled forward and backward, the colour adjoint) stream splats
-through a loop of loads and ``exp``; 4 resident blocks are what lets one block's loads overlap
-another's arithmetic, so their budget is 128. The dense kernels, which read every splat at every
+through a loop of loads and ``exp``; 16 resident warps (4 blocks of 4 warps, or 2 of 8 for the tiled
+backward and the adjoint, one thread per pixel of a 16x16 tile) are what lets one block's loads
+overlap another's arithmetic, so their budget is 128. The dense kernels, which read every splat at every
 pixel, are held to the same 128 (their block shape is chosen for it). No kernel may spill at all: a
 spill turns a register read into a local-memory round trip inside the innermost loop.
 
@@ -42,7 +43,7 @@ MAX_BLOCKS_PER_SM = 32
 SHARED_BYTES_PER_SM = {80: 164 * 1024, 90: 228 * 1024}  # what one SM can give its blocks
 WARP_SIZE = 32
 
-# Kernel -> its register budget (see the module docstring for why): 4 resident blocks of 4 warps.
+# Kernel -> its register budget (see the module docstring for why): 16 resident warps.
 REGISTER_BUDGETS = {
     "_rasterize_fwd_kernel": 128,
     "_rasterize_bwd_kernel": 128,
@@ -57,7 +58,6 @@ _POINTER_TYPES = {
     "valid_ptr": "*u8",
     "tile_offsets_ptr": "*i64",
     "tile_splats_ptr": "*i32",
-    "boxes_ptr": "*i32",
 }
 _FLOAT_SCALARS = {"cutoff_sq"}
 
@@ -73,7 +73,7 @@ class KernelBuild:
     module: str  # e.g. "kernels.rasterize_triton"
     kernel: str  # the @triton.jit function's name
     constexprs: tuple[tuple[str, Any], ...]
-    num_warps: int = 4  # the launchers leave Triton's default
+    num_warps: int = 4  # Triton's default, which the launchers keep unless they say otherwise
 
     @property
     def label(self) -> str:
@@ -116,11 +116,15 @@ def kernel_builds(channels: tuple[int, ...] = (1, 3)) -> list[KernelBuild]:
             KernelBuild(tiled.__name__, "_tiled_fwd_kernel",
                         colour + (("TILE", tiled.DEFAULT_TILE_SIZE),
                                   ("BLOCK_N", tiled.forward_block_n(tiled.DEFAULT_TILE_SIZE)))),
-            KernelBuild(tiled.__name__, "_tiled_bwd_kernel", colour + (("BLOCK_P", tiled._BWD_BLOCK_P),)),
+            KernelBuild(tiled.__name__, "_tiled_bwd_kernel",
+                        colour + (("TILE", tiled.DEFAULT_TILE_SIZE),
+                                  ("BLOCK_N", tiled.backward_block_n(tiled.DEFAULT_TILE_SIZE))),
+                        num_warps=tiled.BACKWARD_WARPS),
         ]
         # The adjoint's launcher compiles the cutoff test away for cutoff = inf: both variants.
         builds += [KernelBuild(adjoint.__name__, "_colour_adjoint_kernel",
-                               colour + (("HAS_CUTOFF", has_cutoff), ("BLOCK_P", adjoint._BLOCK_P)))
+                               colour + (("HAS_CUTOFF", has_cutoff), ("TILE", adjoint.TILE_SIZE),
+                                         ("BLOCK_N", adjoint._BLOCK_N)), num_warps=adjoint.NUM_WARPS)
                    for has_cutoff in (True, False)]
     return builds
 

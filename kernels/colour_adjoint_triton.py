@@ -8,12 +8,13 @@ the conjugate-gradient colour solve applies ``W`` (a forward render) and ``W^T``
 
 (the second is the diagonal of ``W^T W``). Through autograd, ``W^T r`` costs a forward render and a
 full backward that also computes the geometry gradients, only to throw them away. Here it is one
-kernel with the shape of the tile-culled backward (``kernels.rasterize_triton_tiled``): one program
-per (image, splat), walking the splat's own pixel box (``kernels.tiling.splat_pixel_boxes``, clipped
-to the image) ``BLOCK_P`` pixels at a time and reducing the two sums over those pixels only. Pixels
-outside the box are beyond the cutoff, where the weight is exactly zero, so nothing is lost; with
-``cutoff = inf`` the box is the whole image and the kernel is the dense adjoint. Every output entry
-has one writer and a fixed summation order: no atomics, deterministic.
+kernel with the shape of the tile-culled backward (``kernels.rasterize_triton_tiled``): the splats are
+binned to tiles (``kernels.tiling.bin_splats_to_tiles``), one program per (image, tile) reads the
+tile's pixels once and streams its splat list past them, ``BLOCK_N`` splats at a time, writing each
+(tile, splat) pair's two sums; ``TileBins.sum_over_tiles`` adds each splat's pairs in a fixed order.
+Tiles a splat's cutoff box misses hold only pixels where its weight is exactly zero, so nothing is
+lost; with ``cutoff = inf`` every splat is on every tile and the kernel is the dense adjoint. No
+atomics: deterministic.
 
 The pure-PyTorch twin is :func:`kernels.rasterize_torch.colour_adjoint_dense_torch`, the C++ CPU
 kernel :func:`kernels.rasterize_cpu.colour_adjoint`; all three share the signature and the contract
@@ -29,13 +30,14 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.arguments import colour_adjoint_args, cutoff_args, fp32_copy
-from kernels.tiling import splat_pixel_boxes
-from kernels.triton_common import box_block_weights, load_program_splat, load_splat_box
+from kernels.tiling import TileBins, bin_splats_to_tiles
+from kernels.triton_common import list_block_weights, tile_image_and_list
 
-# Box pixels per inner-loop step: 2 per thread at 4 warps. The per-lane accumulators are summed
-# once, after the loop, so a step costs no cross-warp reduction; kernels/aot_compile.py holds the
-# kernel to 128 registers.
-_BLOCK_P = 256
+TILE_SIZE = 16  # the tiled rasterizer's default tile
+# Splats per inner-loop step and warps a program: one pixel a thread, its [256, BLOCK_N, C_PAD]
+# product within kernels/aot_compile.py's 128 registers.
+_BLOCK_N = 4
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -44,44 +46,35 @@ def _colour_adjoint_kernel(
     positions_ptr,  # *fp32 [B, N, 2] contiguous
     cholesky_ptr,  # *fp32 [B, N, 3] contiguous
     valid_ptr,  # *u8 [B, N] contiguous, 1 = valid
-    boxes_ptr,  # *i32 [B, N, 4] (first column, first row, columns, rows), inside the image
-    adjoint_ptr,  # *fp32 [B, N, C], written (every entry) by this kernel
-    squared_norms_ptr,  # *fp32 [B, N], written (every entry) by this kernel
+    tile_offsets_ptr,  # *i64 [B * TILES + 1]: list bounds of every (image, tile)
+    tile_splats_ptr,  # *i32 [K]: splat indices, ascending within a list
+    pair_sums_ptr,  # *fp32 [K, C + 1]: per (tile, splat) pair, sum_p w r per channel then sum_p w^2; written here
     N,  # splats per image
+    H,  # image height in pixels
     W,  # image width in pixels
-    HW,  # H * W
+    TILES_X,  # tiles per tile row
+    TILES,  # tiles per image
     cutoff_sq,  # fp32 squared Mahalanobis cutoff, used only if HAS_CUTOFF
     C: tl.constexpr,  # channel count
     C_PAD: tl.constexpr,  # next power of two >= C
-    HAS_CUTOFF: tl.constexpr,  # False when cutoff = inf (the box is then the whole image)
-    BLOCK_P: tl.constexpr,  # box pixels per inner-loop step
+    HAS_CUTOFF: tl.constexpr,  # False when cutoff = inf (every splat is then on every tile)
+    TILE: tl.constexpr,  # tile side in pixels, a power of two
+    BLOCK_N: tl.constexpr,  # splats per inner-loop step
 ):
-    row, pid_b, offs_n, mu_x, mu_y, inv_l11, l21, inv_l22, live = load_program_splat(
-        positions_ptr, cholesky_ptr, valid_ptr, N)  # one program per (image, splat)
-    offs_c = tl.arange(0, C_PAD)
-    mask_c = offs_c < C
-
-    first_col, first_row, box_cols, box_pixels = load_splat_box(boxes_ptr, row)
-
-    # Per-lane partial sums, reduced once after the loop (fewer rounding steps than a running scalar,
-    # and no cross-warp reduction inside the loop).
-    acc = tl.zeros((BLOCK_P, C_PAD), dtype=tl.float32)
-    acc_sq = tl.zeros((BLOCK_P, 1), dtype=tl.float32)
-    for k0 in range(0, box_pixels, BLOCK_P):
-        img, mask_k, w, _z1, _z2 = box_block_weights(
-            image_ptr, pid_b, first_col, first_row, box_cols, box_pixels, k0, offs_c, W, HW,
-            mu_x, mu_y, inv_l11, l21, inv_l22, live, cutoff_sq, HAS_CUTOFF, C, BLOCK_P,
-        )  # img [BLOCK_P, C_PAD], w [BLOCK_P, 1]
-        # Lanes past the box's end lie below it, possibly outside the image, where the weight need
-        # not be zero (always with no cutoff): their image reads are 0, but w^2 must be dropped.
-        w = tl.where(mask_k[:, None], w, 0.0)
-        acc += w * img
-        acc_sq += w * w
-
-    mask_n = offs_n < N  # always true: one real splat per program
-    out_offs = (pid_b * N + offs_n)[:, None] * C + offs_c[None, :]  # [1, C_PAD]
-    tl.store(adjoint_ptr + out_offs, tl.sum(acc, axis=0)[None, :], mask=mask_n[:, None] & mask_c[None, :])
-    tl.store(squared_norms_ptr + pid_b * N + offs_n, tl.sum(acc_sq, axis=0), mask=mask_n)
+    pid_b, mask_p, px, py, img, offs_c, mask_c, start, end = tile_image_and_list(
+        image_ptr, tile_offsets_ptr, H, W, TILES_X, TILES, C, C_PAD, TILE)  # one program per (image, tile)
+    for k0 in range(start, end, BLOCK_N):
+        offs_k, _, _, _, _, _, w, _, _ = list_block_weights(
+            tile_splats_ptr, positions_ptr, cholesky_ptr, valid_ptr, pid_b, k0, end, N, px, py, cutoff_sq, HAS_CUTOFF,
+            BLOCK_N)
+        # Lanes past the image's edge read a 0 image, but w^2 must be dropped there explicitly.
+        w = tl.where(mask_p[:, None], w, 0.0)  # [TILE * TILE, BLOCK_N]
+        sums = tl.sum(w[:, :, None] * img[:, None, :], axis=0)  # [BLOCK_N, C_PAD]
+        squares = tl.sum(w * w, axis=0)  # [BLOCK_N]
+        in_list = offs_k < end
+        tl.store(pair_sums_ptr + offs_k[:, None] * (C + 1) + offs_c[None, :], sums,
+                 mask=in_list[:, None] & mask_c[None, :])
+        tl.store(pair_sums_ptr + offs_k * (C + 1) + C, squares, mask=in_list)
 
 
 def _colour_adjoint(
@@ -89,36 +82,40 @@ def _colour_adjoint(
     positions: Tensor,  # [B, N, 2] fp32 contiguous
     cholesky: Tensor,  # [B, N, 3] fp32 contiguous
     valid: Tensor,  # [B, N] uint8 contiguous
-    boxes: Tensor,  # [B, N, 4] int32 contiguous, from splat_pixel_boxes
+    bins: TileBins,
     cutoff: float,
 ) -> tuple[Tensor, Tensor]:  # [B, N, C] fp32, [B, N] fp32
     batch, channels, height, width = image.shape
     n_splats = positions.shape[1]
-    adjoint = torch.empty((batch, n_splats, channels), device=image.device, dtype=torch.float32)
-    squared_norms = torch.empty((batch, n_splats), device=image.device, dtype=torch.float32)
-    if batch * n_splats == 0:
-        return adjoint, squared_norms
-    if height * width == 0:  # no pixels: every sum is empty
-        return adjoint.zero_(), squared_norms.zero_()
+    pairs = bins.tile_splats.shape[0]
+    if batch * n_splats == 0 or pairs == 0:  # nothing to sum: every sum is empty
+        return (torch.zeros((batch, n_splats, channels), device=image.device, dtype=torch.float32),
+                torch.zeros((batch, n_splats), device=image.device, dtype=torch.float32))
+    pair_sums = torch.empty((pairs, channels + 1), device=image.device, dtype=torch.float32)
     cutoff_sq, has_cutoff = cutoff_args(cutoff)
-    _colour_adjoint_kernel[(batch * n_splats,)](
+    _colour_adjoint_kernel[(batch * bins.tiles_per_image,)](
         image,
         positions,
         cholesky,
         valid,
-        boxes,
-        adjoint,
-        squared_norms,
+        bins.tile_offsets,
+        bins.tile_splats,
+        pair_sums,
         n_splats,
+        height,
         width,
-        height * width,
+        bins.tiles_x,
+        bins.tiles_per_image,
         cutoff_sq,
         C=channels,
         C_PAD=triton.next_power_of_2(channels),
         HAS_CUTOFF=has_cutoff,
-        BLOCK_P=_BLOCK_P,
+        TILE=bins.tile_size,
+        BLOCK_N=_BLOCK_N,
+        num_warps=NUM_WARPS,
     )
-    return adjoint, squared_norms
+    sums = bins.sum_over_tiles(pair_sums).reshape(batch, n_splats, channels + 1)
+    return sums[..., :channels].contiguous(), sums[..., channels].contiguous()
 
 
 def colour_adjoint_triton(
@@ -133,13 +130,13 @@ def colour_adjoint_triton(
 
     Same signature and result as ``kernels.rasterize_cpu.colour_adjoint`` and the twin
     ``kernels.rasterize_torch.colour_adjoint_dense_torch``: computes in fp32 and returns fp32
-    whatever the inputs' dtypes; not differentiable (inputs are detached). Each splat reads only the
-    pixels of its cutoff box. ValueError for arguments that do not fit together.
+    whatever the inputs' dtypes; not differentiable (inputs are detached). Each splat meets only the
+    tiles of its cutoff box. ValueError for arguments that do not fit together.
     """
     cutoff = colour_adjoint_args(image, positions, cholesky, valid, cutoff)
     image, positions, cholesky = (fp32_copy(t) for t in (image, positions, cholesky))
     valid = valid.detach().to(torch.uint8).contiguous()
     height, width = image.shape[-2:]
-    # Boxed from the fp32 copies the kernel reads, so box and kernel agree on every splat.
-    boxes = splat_pixel_boxes(positions, cholesky, valid.bool(), height, width, cutoff).contiguous()
-    return _colour_adjoint(image, positions, cholesky, valid, boxes, cutoff)
+    # Binned from the fp32 copies the kernel reads, so bins and kernel agree on every splat.
+    bins = bin_splats_to_tiles(positions, cholesky, valid.bool(), height, width, cutoff, TILE_SIZE)
+    return _colour_adjoint(image, positions, cholesky, valid, bins, cutoff)

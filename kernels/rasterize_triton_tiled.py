@@ -15,15 +15,16 @@ exact zeros. Here:
 - Forward: one program per (image, tile). It owns the tile's pixels and streams only its own list
   past them, ``BLOCK_N`` splats at a time, with the dense kernel's forward step. It writes its pixels
   once: no atomics, and the sum runs in list order, so it is deterministic.
-- Backward: one program per (image, splat). It walks the splat's own pixel box (clipped to the
-  image), ``BLOCK_P`` pixels at a time, and reduces the same gradient terms as the dense backward
-  over those pixels only; every gradient entry has one writer, summed in a fixed order. No float
-  atomics, no per-(tile, splat) partials to reduce. The box is tighter than the box's tiles, so
-  the backward evaluates fewer pairs than the forward.
+- Backward: one program per (image, tile) too. It reads the tile's cotangent once and streams the
+  same list past it, ``BLOCK_N`` splats at a time, reducing each splat's gradient terms over the
+  tile's pixels into one row per (tile, splat) pair. ``TileBins.sum_over_tiles`` then adds each
+  splat's rows in a fixed order (no float atomics), so it is deterministic as well. Every pixel's
+  cotangent is read by one program, where a program per splat would read it once per splat
+  covering it: at 400 splats on 224 x 224 about 12 times (``benchmarks/cost_model.py``).
 
-Pixels outside a splat's box are beyond its cutoff, where the dense kernels' weight (and every
-gradient term, all proportional to it) is exactly zero, so the two compute the same sums up to the
-order of float additions. With ``cutoff = inf`` every splat reaches every pixel and nothing can be
+Pixels of a tile that a splat's box misses are beyond its cutoff, where the dense kernels' weight
+(and every gradient term, all proportional to it) is exactly zero, so the two compute the same sums
+up to the order of float additions. With ``cutoff = inf`` every splat reaches every pixel and nothing can be
 culled: ``rasterize_triton_tiled`` then calls the dense kernels.
 
 Both directions are built from the pieces the dense kernels use (``kernels.triton_common``); the
@@ -44,14 +45,22 @@ from kernels.arguments import (KernelInputs, grads_for_inputs, kernel_inputs, ra
                                save_for_kernel_backward, saved_kernel_inputs)
 from kernels.rasterize_triton import rasterize_triton
 from kernels.tiling import TileBins, bin_splats_to_tiles
-from kernels.triton_common import (accumulate_splat_grads, box_block_weights, image_buffer, image_offsets,
-                                   load_colours, load_program_splat, load_splat_box, splat_block_colour,
-                                   splat_grad_buffers, store_splat_grads, zero_splat_grads)
+from kernels.triton_common import (accumulate_splat_grads, image_buffer, image_offsets, list_block_weights,
+                                   load_colours, splat_block_colour, splat_grad_buffers, store_splat_grads,
+                                   tile_image_and_list, tile_pixels, zero_splat_grads)
 
 DEFAULT_TILE_SIZE = 16
 TILE_SIZES = (4, 8, 16, 32)  # powers of two: a tile's pixels are one tl.arange block
-# Backward: pixels of a splat's box per inner-loop step.
-_BWD_BLOCK_P = 128
+# Backward: splats per inner-loop step at 16 x 16 tiles, and warps a program: one pixel a thread,
+# its [256, BLOCK_N] gradient terms within kernels/aot_compile.py's 128 registers.
+_BWD_BLOCK_N = 4
+BACKWARD_WARPS = 8
+
+
+def backward_block_n(tile_size: int) -> int:
+    """Splats per backward inner-loop step: ``_BWD_BLOCK_N`` at 16 x 16 tiles, the same
+    [tile^2, BLOCK_N] size at the others."""
+    return min(32, max(1, _BWD_BLOCK_N * 256 // (tile_size * tile_size)))
 
 
 def forward_block_n(tile_size: int) -> int:
@@ -81,18 +90,7 @@ def _tiled_fwd_kernel(
     BLOCK_N: tl.constexpr,  # splats per inner-loop step
 ):
     # Flat grid (B * TILES,): program = image * TILES + tile, the index of its splat list.
-    list_id = tl.program_id(0).to(tl.int64)
-    pid_b = list_id // TILES
-    tile = list_id % TILES
-    tile_y = tile // TILES_X
-    tile_x = tile % TILES_X
-
-    offs_t = tl.arange(0, TILE * TILE)
-    pix_x = tile_x * TILE + offs_t % TILE  # [TILE * TILE]
-    pix_y = tile_y * TILE + offs_t // TILE
-    mask_p = (pix_x < W) & (pix_y < H)  # edge tiles hang over the image
-    px = pix_x.to(tl.float32) + 0.5
-    py = pix_y.to(tl.float32) + 0.5
+    list_id, pid_b, pix, mask_p, px, py = tile_pixels(H, W, TILES_X, TILES, TILE)
 
     offs_c = tl.arange(0, C_PAD)
     mask_c = offs_c < C
@@ -109,7 +107,7 @@ def _tiled_fwd_kernel(
             px, py, offs_c, cutoff_sq, C, True,
         )
 
-    out_offs = image_offsets(pid_b, pix_y * W + pix_x, offs_c, H * W, C)
+    out_offs = image_offsets(pid_b, pix, offs_c, H * W, C)
     tl.store(out_ptr + out_offs, acc, mask=mask_p[:, None] & mask_c[None, :])
 
 
@@ -120,39 +118,42 @@ def _tiled_bwd_kernel(
     cholesky_ptr,  # *fp32 [B, N, 3] contiguous
     colours_ptr,  # *fp32 [B, N, C] contiguous
     valid_ptr,  # *u8 [B, N] contiguous
-    boxes_ptr,  # *i32 [B, N, 4] (first column, first row, columns, rows), inside the image
-    grad_positions_ptr,  # *fp32 [B, N, 2], written by this kernel
-    grad_cholesky_ptr,  # *fp32 [B, N, 3], written by this kernel
-    grad_colours_ptr,  # *fp32 [B, N, C], written by this kernel
+    tile_offsets_ptr,  # *i64 [B * TILES + 1]: list bounds of every (image, tile)
+    tile_splats_ptr,  # *i32 [K]: splat indices, ascending within a list
+    pair_grad_positions_ptr,  # *fp32 [K, 2]: the pair's share of its splat's gradient, written here
+    pair_grad_cholesky_ptr,  # *fp32 [K, 3]
+    pair_grad_colours_ptr,  # *fp32 [K, C]
     N,  # splats per image
+    H,  # image height in pixels
     W,  # image width in pixels
-    HW,  # H * W
+    TILES_X,  # tiles per tile row
+    TILES,  # tiles per image
     cutoff_sq,  # fp32 squared Mahalanobis cutoff
     C: tl.constexpr,
     C_PAD: tl.constexpr,
-    BLOCK_P: tl.constexpr,  # box pixels per inner-loop step
+    TILE: tl.constexpr,  # tile side in pixels, a power of two
+    BLOCK_N: tl.constexpr,  # splats per inner-loop step
 ):
-    row, pid_b, offs_n, mu_x, mu_y, inv_l11, l21, inv_l22, live = load_program_splat(
-        positions_ptr, cholesky_ptr, valid_ptr, N)  # one program per (image, splat)
-    offs_c = tl.arange(0, C_PAD)
-    col, col_offs, col_mask = load_colours(colours_ptr, pid_b, offs_n, N, live, offs_c, C)  # [1, C_PAD]
-
-    first_col, first_row, box_cols, box_pixels = load_splat_box(boxes_ptr, row)
-    g_col, g_dx, g_dy, g_l11, g_l21, g_l22 = zero_splat_grads(1, C_PAD)
-    for k0 in range(0, box_pixels, BLOCK_P):
-        # The box's pixels in row-major order; lanes past its end read a zero cotangent.
-        g, _, w, z1, z2 = box_block_weights(
-            grad_out_ptr, pid_b, first_col, first_row, box_cols, box_pixels, k0, offs_c, W, HW,
-            mu_x, mu_y, inv_l11, l21, inv_l22, live, cutoff_sq, True, C, BLOCK_P,
-        )  # g [BLOCK_P, C_PAD], w [BLOCK_P, 1]
+    # Flat grid (B * TILES,) as the forward's. The tile's cotangent is read once; lanes past the
+    # image read 0, so they add nothing to any sum.
+    pid_b, _in_image, px, py, g, offs_c, mask_c, start, end = tile_image_and_list(
+        grad_out_ptr, tile_offsets_ptr, H, W, TILES_X, TILES, C, C_PAD, TILE)  # g [TILE * TILE, C_PAD]
+    for k0 in range(start, end, BLOCK_N):
+        offs_k, offs_n, live, l21, inv_l11, inv_l22, w, z1, z2 = list_block_weights(
+            tile_splats_ptr, positions_ptr, cholesky_ptr, valid_ptr, pid_b, k0, end, N, px, py, cutoff_sq, True,
+            BLOCK_N)
+        col, _, _ = load_colours(colours_ptr, pid_b, offs_n, N, live, offs_c, C)
+        g_col, g_dx, g_dy, g_l11, g_l21, g_l22 = zero_splat_grads(BLOCK_N, C_PAD)
         g_col, g_dx, g_dy, g_l11, g_l21, g_l22 = accumulate_splat_grads(
             g_col, g_dx, g_dy, g_l11, g_l21, g_l22, g, w, z1, z2, col, l21, inv_l22
         )
-
-    store_splat_grads(
-        grad_positions_ptr, grad_cholesky_ptr, grad_colours_ptr, pid_b, offs_n, N, col_offs, col_mask,
-        g_col, g_dx, g_dy, g_l11, g_l21, g_l22, inv_l11, inv_l22,
-    )
+        # The pair rows as "image 0, splats offs_k of `end`": row = offs_k, lanes past the list masked.
+        pair_col_offs = offs_k[:, None] * C + offs_c[None, :]
+        pair_col_mask = (offs_k < end)[:, None] & mask_c[None, :]
+        store_splat_grads(
+            pair_grad_positions_ptr, pair_grad_cholesky_ptr, pair_grad_colours_ptr, 0, offs_k, end,
+            pair_col_offs, pair_col_mask, g_col, g_dx, g_dy, g_l11, g_l21, g_l22, inv_l11, inv_l22,
+        )
 
 
 def _tiled_fwd(
@@ -181,26 +182,38 @@ def _tiled_fwd(
 def _tiled_bwd(
     grad_out: Tensor,  # [B, C, H, W] fp32 contiguous
     inputs: KernelInputs,
-    boxes: Tensor,  # [B, N, 4] int32 contiguous
+    bins: TileBins,
     height: int,
     width: int,
     cutoff: float,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fp32 grads of positions, cholesky, colours
     grads, sizes = splat_grad_buffers(inputs, height, width, cutoff)
-    if sizes is not None:
-        _tiled_bwd_kernel[(sizes.batch * sizes.n_splats,)](
-            grad_out,
-            *inputs,
-            boxes,
-            *grads,
-            sizes.n_splats,
-            width,
-            sizes.pixels,
-            sizes.cutoff_sq,
-            **sizes.channel_constexprs,
-            BLOCK_P=_BWD_BLOCK_P,
-        )
-    return grads
+    pairs = bins.tile_splats.shape[0]
+    if sizes is None:
+        return grads
+    if pairs == 0:  # no splat reaches any pixel
+        return tuple(grad.zero_() for grad in grads)
+    pair_grads = tuple(torch.empty((pairs, grad.shape[-1]), device=grad.device, dtype=torch.float32)
+                       for grad in grads)
+    _tiled_bwd_kernel[(sizes.batch * bins.tiles_per_image,)](
+        grad_out,
+        *inputs,
+        bins.tile_offsets,
+        bins.tile_splats,
+        *pair_grads,
+        sizes.n_splats,
+        height,
+        width,
+        bins.tiles_x,
+        bins.tiles_per_image,
+        sizes.cutoff_sq,
+        **sizes.channel_constexprs,
+        TILE=bins.tile_size,
+        BLOCK_N=backward_block_n(bins.tile_size),
+        num_warps=BACKWARD_WARPS,
+    )
+    summed = bins.sum_over_tiles(torch.cat(pair_grads, dim=1))  # [B * N, 5 + C]
+    return tuple(part.reshape(grad.shape) for part, grad in zip(summed.split([2, 3, sizes.channels], dim=1), grads))
 
 
 class _RasterizeTritonTiled(torch.autograd.Function):
@@ -213,15 +226,18 @@ class _RasterizeTritonTiled(torch.autograd.Function):
             inputs.positions, inputs.cholesky, inputs.valid.bool(), height, width, cutoff, tile_size
         )
         save_for_kernel_backward(
-            ctx, (positions, cholesky, colours), inputs, (height, width, cutoff), bins.boxes.contiguous()
+            ctx, (positions, cholesky, colours), inputs, (height, width, cutoff),
+            bins.tile_offsets, bins.tile_splats, bins.boxes, bins.pair_order, bins.tiles_per_splat,
         )
+        ctx.tile_shape = (bins.tile_size, bins.tiles_y, bins.tiles_x)
         return _tiled_fwd(inputs, bins, height, width, cutoff).to(colours.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        grad_out, inputs, (boxes,) = saved_kernel_inputs(ctx, grad_out)
-        return grads_for_inputs(ctx, _tiled_bwd(grad_out, inputs, boxes, *ctx.geometry))
+        grad_out, inputs, lists = saved_kernel_inputs(ctx, grad_out)
+        bins = TileBins(*ctx.tile_shape, *lists)
+        return grads_for_inputs(ctx, _tiled_bwd(grad_out, inputs, bins, *ctx.geometry))
 
 
 def rasterize_triton_tiled(positions: Tensor, cholesky: Tensor, colours: Tensor, valid: Tensor, height: int,

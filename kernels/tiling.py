@@ -54,6 +54,10 @@ class TileBins:
     tile_offsets: Tensor  # [B * tiles_y * tiles_x + 1] int64, non-decreasing, starts at 0
     tile_splats: Tensor  # [K] int32, splat index within its image
     boxes: Tensor  # [B, N, 4] int32 (first column, first row, columns, rows); 0 columns and rows if empty
+    # Pair k of the tile lists is pair pair_order[k] of the splat-major enumeration, where splat
+    # b * N + n owns tiles_per_splat[b * N + n] consecutive pairs, its tiles in row-major order.
+    pair_order: Tensor  # [K] int64, a permutation
+    tiles_per_splat: Tensor  # [B * N] int64
 
     @property
     def tiles_per_image(self) -> int:
@@ -62,6 +66,18 @@ class TileBins:
     def splats_per_tile(self) -> Tensor:  # [B, tiles_y, tiles_x] int64
         counts = self.tile_offsets[1:] - self.tile_offsets[:-1]
         return counts.reshape(-1, self.tiles_y, self.tiles_x)
+
+    def sum_over_tiles(self, pair_values: Tensor) -> Tensor:  # [K, D] in tile-list order -> [B * N, D]
+        """Each splat's sum of its (tile, splat) pairs' values: what a tile-parallel kernel's per-pair
+        partial sums add up to per splat. Deterministic on every device: the pairs are permuted into
+        the splat-major order (a scatter to distinct places) and each splat's run is summed in its
+        tiles' row-major order; 0 for a splat on no tile."""
+        if pair_values.shape[0] != self.pair_order.shape[0]:
+            raise ValueError(f"pair_values must have one row per (tile, splat) pair ({self.pair_order.shape[0]}), "
+                             f"got shape {tuple(pair_values.shape)}")
+        splat_major = torch.empty_like(pair_values)
+        splat_major[self.pair_order] = pair_values
+        return torch.segment_reduce(splat_major, "sum", lengths=self.tiles_per_splat, axis=0)
 
 
 def _pixel_span(centre: Tensor, half: Tensor, size: int) -> tuple[Tensor, Tensor]:
@@ -141,7 +157,7 @@ def bin_splats_to_tiles(positions: Tensor, cholesky: Tensor, valid: Tensor, heig
 
     # 2. Sort by (image, tile, splat); the keys are distinct, so the order is unique.
     list_index = image * tiles + tile_y * tiles_x + tile_x  # [K]
-    key, _ = torch.sort(list_index * n_splats + splat)
+    key, pair_order = torch.sort(list_index * n_splats + splat)
     sorted_list = key // max(n_splats, 1)
 
     # 3. Where each (image, tile) list starts: the first key of list i is the first >= i.
@@ -154,6 +170,8 @@ def bin_splats_to_tiles(positions: Tensor, cholesky: Tensor, valid: Tensor, heig
         tile_offsets=tile_offsets,
         tile_splats=(key % max(n_splats, 1)).to(torch.int32),
         boxes=boxes,
+        pair_order=pair_order,
+        tiles_per_splat=tiles_per_splat,
     )
 
 
@@ -168,8 +186,9 @@ def count_evaluations(bins: TileBins, n_splats: int, height: int, width: int) ->
     """Splat-pixel evaluations (weights computed) per pass: dense kernels against tiled ones.
 
     - dense: every splat slot at every pixel, ``B * N * H * W``, in both directions;
-    - tiled forward: each tile's in-image pixels times the splats on its list;
-    - tiled backward: each splat's in-image pixel box (the tiled backward walks the box, not tiles).
+    - tiled forward and backward (and the colour adjoint): each tile's in-image pixels times the
+      splats on its list (all three are one program per tile, walking its list);
+    - ``box``: each splat's in-image pixel box, the fewest a per-splat kernel could evaluate.
     Padding lanes of the kernels' vector blocks are not counted.
     """
     batch = bins.boxes.shape[0]
@@ -177,13 +196,13 @@ def count_evaluations(bins: TileBins, n_splats: int, height: int, width: int) ->
     pixels = tile_pixel_counts(height, width, bins.tile_size).to(bins.tile_offsets.device)
     forward = int((bins.splats_per_tile() * pixels[None]).sum())
     box = bins.boxes.to(torch.int64)
-    backward = int((box[..., 2] * box[..., 3]).sum())
     return {
         "dense_forward": dense,
         "dense_backward": dense,
         "tiled_forward": forward,
-        "tiled_backward": backward,
+        "tiled_backward": forward,
+        "box": int((box[..., 2] * box[..., 3]).sum()),
         "forward_ratio_dense_over_tiled": dense / forward if forward else math.inf,
-        "backward_ratio_dense_over_tiled": dense / backward if backward else math.inf,
+        "backward_ratio_dense_over_tiled": dense / forward if forward else math.inf,
         "pairs": int(bins.tile_offsets[-1]),
     }

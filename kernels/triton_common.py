@@ -9,6 +9,9 @@ which pixels meet which splats. The pieces here are that common part, written on
   splats (padding lanes, ``valid = False``) made inert whatever their slots hold;
 - :func:`splat_weights`: the ``[pixels, splats]`` tile of weights and the whitened offsets;
 - :func:`splat_block_colour`: one forward step, a block of splats' colour at a block of pixels;
+- :func:`tile_pixels`, :func:`tile_image_and_list`, :func:`list_block_weights`: the pixels of a
+  tile-culled kernel's program, the image there and its splat list, and a block of the list's
+  splats weighed at those pixels;
 - :func:`image_offsets`: where a block of pixels' channels lie in a ``[B, C, H, W]`` image;
 - :func:`zero_splat_grads`, :func:`accumulate_splat_grads`, :func:`store_splat_grads`: the
   backward's per-splat gradient sums, from the cotangent at a block of pixels to the stores.
@@ -147,69 +150,76 @@ def splat_block_colour(
 
 
 @triton.jit
-def load_program_splat(positions_ptr, cholesky_ptr, valid_ptr, N):  # the pointers as load_splats takes them
-    """The splat of a program on a flat ``(B * N,)`` grid (program = image * N + splat, the splat's
-    row in every ``[B, N, ...]`` tensor): ``row, pid_b, offs_n`` ([1]: the shared pieces take a
-    block of splats) and its :func:`load_splats` values."""
-    row = tl.program_id(0).to(tl.int64)
-    pid_b = row // N
-    offs_n = (row % N) + tl.arange(0, 1)
-    mu_x, mu_y, inv_l11, l21, inv_l22, live = load_splats(positions_ptr, cholesky_ptr, valid_ptr, pid_b, offs_n, N)
-    return row, pid_b, offs_n, mu_x, mu_y, inv_l11, l21, inv_l22, live
-
-
-@triton.jit
-def load_splat_box(
-    boxes_ptr,  # *i32 [B, N, 4]: first column, first row, columns, rows (kernels.tiling.splat_pixel_boxes)
-    row,  # int64 the splat's row, image * N + splat
-):
-    """A splat's pixel box: ``(first column, first row, columns, pixels)``; 0 pixels for an invalid
-    or unseen splat."""
-    first_col = tl.load(boxes_ptr + row * 4 + 0)
-    first_row = tl.load(boxes_ptr + row * 4 + 1)
-    box_cols = tl.load(boxes_ptr + row * 4 + 2)
-    return first_col, first_row, box_cols, box_cols * tl.load(boxes_ptr + row * 4 + 3)
-
-
-@triton.jit
-def box_block_weights(
-    image_ptr,  # *fp32 [B, C, H, W] contiguous: an image or a cotangent
-    pid_b,  # int64 batch index
-    first_col,  # the splat's box (load_splat_box): first column
-    first_row,  # first row
-    box_cols,  # columns
-    box_pixels,  # pixels
-    k0,  # the block's first box pixel (row-major)
-    offs_c,  # [C_PAD] channel indices
+def tile_pixels(
+    H,  # image height in pixels
     W,  # image width in pixels
-    HW,  # H * W
-    mu_x,  # the splat, as load_splats gives it
-    mu_y,
-    inv_l11,
-    l21,
-    inv_l22,
-    live,
-    cutoff_sq,  # fp32 squared Mahalanobis cutoff
-    HAS_CUTOFF: tl.constexpr,
-    C: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    TILES_X,  # tiles per tile row
+    TILES,  # tiles per image
+    TILE: tl.constexpr,  # tile side in pixels, a power of two
 ):
-    """Box pixels ``k0 .. k0 + BLOCK_P`` of one splat: the image there [BLOCK_P, C_PAD] (0 outside
-    the box), the lanes inside the box [BLOCK_P], and the splat's :func:`splat_weights` there
-    (``w, z1, z2``, [BLOCK_P, 1])."""
-    offs_k = k0 + tl.arange(0, BLOCK_P)
-    mask_k = offs_k < box_pixels
-    pix_x = first_col + offs_k % box_cols
-    pix_y = first_row + offs_k // box_cols
-    values = tl.load(
-        image_ptr + image_offsets(pid_b, pix_y * W + pix_x, offs_c, HW, C),
-        mask=mask_k[:, None] & (offs_c < C)[None, :],
-        other=0.0,
-    )
-    px = pix_x.to(tl.float32) + 0.5
-    py = pix_y.to(tl.float32) + 0.5
+    """The tile of a program on a flat ``(B * TILES,)`` grid (program = image * TILES + tile, the
+    index of its splat list): ``list_id, pid_b`` (int64), its pixels' flat row-major indices
+    [TILE * TILE], which of them lie in the image (edge tiles hang over), and their centres."""
+    list_id = tl.program_id(0).to(tl.int64)
+    pid_b = list_id // TILES
+    tile = list_id % TILES
+    offs_t = tl.arange(0, TILE * TILE)
+    pix_x = (tile % TILES_X) * TILE + offs_t % TILE
+    pix_y = (tile // TILES_X) * TILE + offs_t // TILE
+    mask_p = (pix_x < W) & (pix_y < H)
+    return list_id, pid_b, pix_y * W + pix_x, mask_p, pix_x.to(tl.float32) + 0.5, pix_y.to(tl.float32) + 0.5
+
+
+@triton.jit
+def tile_image_and_list(
+    image_ptr,  # *fp32 [B, C, H, W] contiguous: an image or a cotangent
+    tile_offsets_ptr,  # *i64 [B * TILES + 1]: list bounds of every (image, tile)
+    H,
+    W,
+    TILES_X,
+    TILES,
+    C: tl.constexpr,
+    C_PAD: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    """What a tile-parallel backward or adjoint program starts from (:func:`tile_pixels`): its
+    ``pid_b``, which pixels lie in the image, their centres, the image there [TILE * TILE, C_PAD] (0
+    past the image's edge and in padded channels), the channel indices and mask, and its list's
+    bounds ``start, end`` in the pair buffers."""
+    list_id, pid_b, pix, mask_p, px, py = tile_pixels(H, W, TILES_X, TILES, TILE)
+    offs_c = tl.arange(0, C_PAD)
+    mask_c = offs_c < C
+    values = tl.load(image_ptr + image_offsets(pid_b, pix, offs_c, H * W, C),
+                     mask=mask_p[:, None] & mask_c[None, :], other=0.0)
+    start = tl.load(tile_offsets_ptr + list_id)
+    end = tl.load(tile_offsets_ptr + list_id + 1)
+    return pid_b, mask_p, px, py, values, offs_c, mask_c, start, end
+
+
+@triton.jit
+def list_block_weights(
+    tile_splats_ptr,  # *i32 [K]: the tile lists' splat indices
+    positions_ptr,  # the pointers as load_splats takes them
+    cholesky_ptr,
+    valid_ptr,
+    pid_b,  # int64 batch index
+    k0,  # the block's first pair of the list
+    end,  # one past the list's last pair
+    N,  # splats per image
+    px,  # [BLOCK_P] the tile's pixel centres, from tile_pixels
+    py,
+    cutoff_sq,  # fp32 squared Mahalanobis cutoff, used only if HAS_CUTOFF
+    HAS_CUTOFF: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Pairs ``k0 .. k0 + BLOCK_N`` of a tile's list: their rows ``offs_k`` [BLOCK_N] in the pair
+    buffers, their splats ``offs_n`` (N, a dead splat, past the list's end), the splats' ``live``,
+    ``l21``, ``inv_l11``, ``inv_l22``, and their weights ``w, z1, z2`` [BLOCK_P, BLOCK_N] at the tile's pixels."""
+    offs_k = k0 + tl.arange(0, BLOCK_N)
+    offs_n = tl.load(tile_splats_ptr + offs_k, mask=offs_k < end, other=N)
+    mu_x, mu_y, inv_l11, l21, inv_l22, live = load_splats(positions_ptr, cholesky_ptr, valid_ptr, pid_b, offs_n, N)
     w, z1, z2 = splat_weights(px, py, mu_x, mu_y, inv_l11, l21, inv_l22, live, cutoff_sq, HAS_CUTOFF)
-    return values, mask_k, w, z1, z2
+    return offs_k, offs_n, live, l21, inv_l11, inv_l22, w, z1, z2
 
 
 @triton.jit

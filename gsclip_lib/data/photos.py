@@ -12,8 +12,9 @@ import torch
 from skimage.transform import resize
 from torch import Tensor
 
-# RGB photographs bundled with scikit-image (no download needed).
-PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
+# Photographs bundled with scikit-image (no download needed); the gray ones (camera, coins) are
+# repeated to three channels.
+PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "camera", "coins")
 
 
 def load_photo(name: str, size: int) -> np.ndarray:  # [size, size, 3] uint8

@@ -11,8 +11,11 @@ Three things make the fit converge in far fewer steps than Adam alone (measured 
 - **Least-squares colours** (:mod:`gsclip_lib.splats.least_squares`): the render is linear in the
   colours, so for the current geometry the best colours are a solve away. ``colour_solve`` says
   when: ``none`` (Adam on everything), ``sparse`` (solved at the start, after every re-seeding and at
-  the end; Adam moves the colours in between) or ``every_step`` (solved before every step; Adam moves
-  only the geometry).
+  the end; Adam moves the colours in between) or ``periodic`` (solved before every ``solve_every``-th
+  step and at the end; with ``solve_every: 1`` Adam moves only the geometry, otherwise it moves the
+  colours between solves too). A solve costs several render passes (``least_squares``), so
+  ``solve_every`` and ``cg_iterations`` set most of a step's cost; ``benchmarks/fit_schedule.py``
+  measures PSNR against passes for each choice.
 - **Error-guided re-seeding** (:func:`reseed_dead_splats`): every ``reseed_every`` steps during the
   first ``reseed_until`` of the fit, splats that carry almost no energy move to the pixels where the
   error is largest.
@@ -171,7 +174,7 @@ class _BatchFit:
         self.images, self.initial, self.settings, self.description = images, initial, settings, description
         self.height, self.width = images.shape[-2:]
         self.valid = initial.valid
-        self.solve_every_step = settings.colour_solve == "every_step"
+        self.solve_every_step = settings.colour_solve == "periodic" and settings.solve_every == 1
         self.positions, self.cholesky = (t.clone().requires_grad_(True) for t in (initial.positions, initial.cholesky))
         self.colours = initial.colours.clone().requires_grad_(not self.solve_every_step)
         self.params = [self.positions, self.cholesky, self.colours]
@@ -241,7 +244,9 @@ class _BatchFit:
         """One optimizer step over the healthy images, then the scale floor and any re-seeding."""
         settings = self.settings
         self.handle_broken_splats()
-        if self.solve_every_step or (iteration == 0 and settings.colour_solve == "sparse"):
+        if settings.colour_solve == "periodic" and iteration % settings.solve_every == 0:
+            self.solve()
+        elif settings.colour_solve == "sparse" and iteration == 0:
             self.solve()
         rendered = self.render()
         losses = self.losses(rendered)

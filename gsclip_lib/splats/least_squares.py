@@ -131,12 +131,27 @@ class ColourOperator:
     def adjoint(self, image: Tensor) -> Tensor:  # [B, C, H, W] -> [B, N, C]
         """``W^T image``: the backend's adjoint kernel, or the gradient of ``<render(c), image>`` in ``c``
         (a render and its full backward) where it has none."""
-        geometry = self.geometry
         if self.native_adjoint is not None:
-            if self.passes is not None:
-                self.passes.adjoint += 1
-            return self.native_adjoint(image, geometry.positions, geometry.cholesky, geometry.valid,
-                                       self.cutoff)[0].to(image)
+            return self._native(image)[0]
+        return self._autograd_adjoint(image)
+
+    def adjoint_and_norms(self, image: Tensor) -> tuple[Tensor, Tensor]:  # [B, N, C], [B, N]
+        """``W^T image`` and ``sum_p w^2`` of every splat: one pass of a native adjoint kernel, which
+        computes both; :func:`splat_weight_norms` beside the autograd adjoint elsewhere."""
+        if self.native_adjoint is not None:
+            return self._native(image)
+        norms = splat_weight_norms(self.geometry, self.height, self.width, self.cutoff, self.backend)
+        return self._autograd_adjoint(image), norms
+
+    def _native(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        geometry = self.geometry
+        if self.passes is not None:
+            self.passes.adjoint += 1
+        adjoint, norms = self.native_adjoint(image, geometry.positions, geometry.cholesky, geometry.valid, self.cutoff)
+        return adjoint.to(image), norms.to(image)
+
+    def _autograd_adjoint(self, image: Tensor) -> Tensor:  # [B, C, H, W] -> [B, N, C]
+        geometry = self.geometry
         with torch.enable_grad():
             probe = torch.zeros_like(geometry.colours, requires_grad=True)
             return torch.autograd.grad(self.render(probe), probe, image)[0]
@@ -150,12 +165,16 @@ def _solve_conjugate_gradients(splats: Splats, images: Tensor, ridge: float, cut
     geometry = splats.detach()
     operator = ColourOperator(geometry, height, width, cutoff, backend, passes)
     mask = geometry.valid[..., None].to(images.dtype)  # [B, N, 1]
-    diagonal = splat_weight_norms(geometry, height, width, cutoff, backend, passes)  # [B, N]
+    colours = geometry.colours * mask
+    with torch.no_grad():
+        image_residual = images - operator.render(colours)  # y - W c
+    # One adjoint pass gives the start's residual W^T (y - W c) and, on the native kernels, the
+    # diagonal of W^T W with it.
+    data_residual, diagonal = operator.adjoint_and_norms(image_residual)  # [B, N, C], [B, N]
     shift = ridge * (diagonal * geometry.valid).sum(1) / geometry.valid.sum(1).clamp(min=1)
     shift = shift.clamp(min=MIN_SHIFT)[:, None, None]
     inverse_preconditioner = mask / (diagonal[..., None] + shift)
-    colours = geometry.colours * mask
-    residual = operator.adjoint(images) * mask - _normal(operator, colours, shift, mask)
+    residual = (data_residual - shift * colours) * mask
     preconditioned = inverse_preconditioner * residual
     direction = preconditioned.clone()
     rho = _inner(residual, preconditioned)

@@ -22,7 +22,6 @@ import torch
 from benchmarks.cost_model import CPU_PEAK_GFLOPS, flops_backward, flops_forward
 from benchmarks.fitting import (
     HALVING_COST_DB,
-    PAPER_PSNR_DB,
     PEAK_FRACTION_TARGET,
     SECTIONS,
     BenchmarkSettings,
@@ -99,21 +98,43 @@ def test_small_gray_curves(result) -> None:
         assert small["cpu_seconds_per_step"][f"fit_{steps}"] == pytest.approx(run["cpu_seconds"] / steps)
 
 
-def test_photos_curves_and_target(result) -> None:
-    photos = result["photos"]
-    assert photos["image_size"] == QUICK.photo_size and photos["photos"] == list(QUICK.photos)
-    assert [row["num_splats"] for row in photos["counts"]] == list(QUICK.photo_counts)
-    for row in photos["counts"]:
-        check_run(row["fit"], QUICK.photo_steps)
-        per_photo = row["fit"]["per_image_psnr_db"]
-        assert len(per_photo) == len(QUICK.photos)
-        assert row["fit"]["psnr_db"] == pytest.approx(sum(per_photo) / len(per_photo), abs=1e-4)
-    entry = photos["targets"]["paper_psnr_within_steps"]
-    largest = max(photos["counts"], key=lambda row: row["num_splats"])["fit"]
-    assert entry["measured"] == largest["psnr_db"] and entry["threshold"] == PAPER_PSNR_DB
-    assert entry["first_step_reaching"] == first_reaching(largest["curve"], PAPER_PSNR_DB)
-    assert entry["at_target_setting"] is False, "quick mode fits 64x64 photos"
-    check_target(entry)
+def test_schedules_compare_the_recipe_the_previous_and_the_chosen_schedule(result) -> None:
+    section = result["schedules"]
+    assert section["step_grid"] == list(QUICK.step_grid) and section["margin_db"] == QUICK.margin_db
+    assert {name: group["photos"] for name, group in section["sets"].items()} == {
+        "stage": list(QUICK.stage_photos), "other": list(QUICK.other_photos)}
+    assert section["schedules"]["paper_recipe"]["colour_solve"] == "none"
+    assert section["schedules"]["paper_recipe"]["reseed_every"] == 0
+    for name, group in section["sets"].items():
+        assert [entry["num_splats"] for entry in group["counts"]] == list(QUICK.schedule_counts)
+        for entry in group["counts"]:
+            runs = entry["runs"]
+            check_run(runs["paper_recipe"], QUICK.recipe_steps)
+            check_run(runs["previous"], max(QUICK.step_grid))
+            chosen = runs["chosen"]
+            assert chosen["steps"] == list(QUICK.step_grid) and len(chosen["psnr_db"]) == len(QUICK.step_grid)
+            assert all(PSNR_RANGE[0] < value < PSNR_RANGE[1] for value in chosen["psnr_db"])
+            assert entry["published_db"] is None, "quick mode fits 64x64 photos, not the paper's setting"
+            assert entry["reference_db"] == runs["paper_recipe"]["psnr_db"]
+            assert entry["needed_db"] == pytest.approx(entry["reference_db"] + QUICK.margin_db)
+            assert entry["steps_to_needed"]["chosen"] == first_reaching(
+                {"step": chosen["steps"], "psnr": chosen["psnr_db"]}, entry["needed_db"])
+            assert entry["steps_to_needed"]["previous"] == first_reaching(runs["previous"]["curve"], entry["needed_db"])
+            # the previous schedule solves before every step; the chosen (sparse) one rarely
+            assert entry["passes"]["previous"]["adjoint"] > entry["passes"]["chosen"]["adjoint"]
+            assert entry["passes"]["previous"]["backward"] == entry["passes"]["chosen"]["backward"] == 1
+            check_target(section["targets"][f"{name}_{entry['num_splats']}_reached"])
+
+
+def test_the_published_figure_floors_only_the_stage_photos_at_the_largest_count() -> None:
+    from benchmarks.fitting import PAPER_PSNR_DB, needed_psnr
+    from benchmarks.harness import paper_splat_counts
+
+    largest, smallest = max(paper_splat_counts()), min(paper_splat_counts())
+    assert needed_psnr(34.0, largest, True, 0.3) == (PAPER_PSNR_DB, PAPER_PSNR_DB, pytest.approx(PAPER_PSNR_DB + 0.3))
+    assert needed_psnr(39.0, largest, True, 0.3) == (39.0, PAPER_PSNR_DB, pytest.approx(39.3))  # a floor, not a cap
+    assert needed_psnr(34.0, largest, False, 0.3) == (34.0, None, pytest.approx(34.3))  # another photo set
+    assert needed_psnr(27.0, smallest, True, 0.3) == (27.0, None, pytest.approx(27.3))  # no published figure there
 
 
 @pytest.mark.parametrize("name", ["prune_small", "prune_photos"])

@@ -36,7 +36,7 @@ def test_without_cuda_writes_the_cpu_part_and_exits_0(tmp_path) -> None:
     for n, entry in counts.items():
         per_image = entry["per_image"]
         assert per_image["dense_forward"] == per_image["dense_backward"] == n * gpu_check.IMAGE_SIZE**2
-        assert 0 < per_image["tiled_backward"] < per_image["tiled_forward"] < per_image["dense_forward"]
+        assert 0 < per_image["box"] < per_image["tiled_backward"] == per_image["tiled_forward"] < per_image["dense_forward"]
         assert entry["forward_ratio_dense_over_tiled"] == pytest.approx(n * gpu_check.IMAGE_SIZE**2 / per_image["tiled_forward"])
     estimates = report["roofline_estimate"]["per_count"]
     assert [e["num_splats"] for e in estimates] == list(PAPER_SPLAT_COUNTS)

@@ -19,7 +19,7 @@ from benchmarks.projection import (
     PAPER_IMAGES,
     count_flops,
     gpu_pass_seconds,
-    measured_passes,
+    fit_passes,
     roofline_pass_seconds,
 )
 from gsclip_lib.params import load_params
@@ -60,35 +60,61 @@ def test_structure_and_inputs(report, params) -> None:
     assert report["images"] == PAPER_IMAGES and report["gpus"] == NUM_GPUS
     assert report["training_flops"]["levels_asked"] == [params.fit.num_splats, *params.prune.levels]
     plan = report["fitting"]["plan"]
-    assert plan[0] == {"num_splats": params.fit.num_splats, "steps": params.fit.optimizer.iterations, "role": "top"}
-    assert [p["num_splats"] for p in plan[1:]] == list(params.prune.levels)
-    assert all(p["steps"] == params.prune.refit_iterations for p in plan[1:])
+    assert {k: plan[0][k] for k in ("num_splats", "steps", "role")} == {
+        "num_splats": params.fit.num_splats, "steps": params.fit.optimizer.iterations, "role": "top"}
+    assert [p["num_splats"] for p in plan[1:-1]] == list(params.prune.levels)
+    assert all(p["steps"] == params.prune.refit_iterations and p["role"] == "refit" for p in plan[1:-1])
+    alone = plan[-1]
+    assert alone["role"] == "alone" and alone["num_splats"] == min(params.levels())
+    fitting = json.loads((ROOT / "benchmarks/fitting.json").read_text())
+    needed = [entry["steps_to_needed"]["chosen"] for group in fitting["schedules"]["sets"].values()
+              for entry in group["counts"] if entry["num_splats"] == alone["num_splats"]]
+    assert alone["steps"] == (None if None in needed else max(needed))
+    for fit in plan:
+        assert fit["passes"] == fit_passes(params.fit.optimizer, fit["steps"] or 0)
     items = [row["item"] for row in report["summary"]]
     assert any(item.startswith("paper") for item in items) and any(item.startswith("total") for item in items)
 
 
+def test_the_paper_profile_fits_the_steps_its_benchmark_found(params) -> None:
+    """profiles/paper.yaml's top-level step count is the most any photo set needed at that count in the
+    committed benchmarks/fitting.json, and its schedule is the one measured there."""
+    fitting = json.loads((ROOT / "benchmarks/fitting.json").read_text())
+    schedules = fitting["schedules"]
+    needed = [entry["steps_to_needed"]["chosen"] for group in schedules["sets"].values()
+              for entry in group["counts"] if entry["num_splats"] == params.fit.num_splats]
+    assert needed and None not in needed
+    assert params.fit.optimizer.iterations == params.fit_photos.optimizer.iterations == max(needed)
+    measured = {key: value for key, value in schedules["schedules"]["chosen"].items()
+                if key not in ("iterations", "backend")}  # the benchmark fits on the CPU
+    assert {key: value for key, value in params.fit.optimizer.model_dump(mode="json").items()
+            if key in measured} == measured
+
+
 def test_the_passes_are_the_fitters_own_counts(params) -> None:
-    # colour_solve every_step with 3 CG iterations: a step renders once for the loss and once per
-    # product of the solve (1 + 3), takes one backward, and runs 6 adjoints (the norms, W^T y and
-    # one per product); each fit ends with one more solve.
-    settings = params.fit.optimizer.replace(colour_solve="every_step", cg_iterations=3)
-    passes = measured_passes(settings, steps=2)
-    assert passes["per_step"] == {"forward": 5, "backward": 1, "adjoint": 6}
-    assert passes["per_fit"] == {"forward": 4, "backward": 0, "adjoint": 6}
-    adam_only = measured_passes(settings.replace(colour_solve="none"), steps=2)
-    assert adam_only["per_step"] == {"forward": 1, "backward": 1, "adjoint": 0}
+    # periodic, solve_every 1, 3 CG iterations: a step renders once for the loss and once per product
+    # of its solve (1 + 3), takes one backward and runs 4 adjoints (one per product, the first also
+    # giving the weight norms); the fit ends with one more solve.
+    settings = params.fit.optimizer.replace(colour_solve="periodic", solve_every=1, cg_iterations=3, reseed_every=0)
+    assert fit_passes(settings, 2) == {"forward": 2 * 5 + 4, "backward": 2, "adjoint": 2 * 4 + 4}
+    every_other = settings.replace(solve_every=2)  # solves before steps 0 and 2, and at the end
+    assert fit_passes(every_other, 3) == {"forward": 3 + 3 * 4, "backward": 3, "adjoint": 3 * 4}
+    adam_only = settings.replace(colour_solve="none")
+    assert fit_passes(adam_only, 2) == {"forward": 2, "backward": 2, "adjoint": 0}
 
 
 def test_fitting_arithmetic(report) -> None:
     fitting = report["fitting"]
     table = fitting["pass_seconds_per_image"]
+    plan = {fit["role"] + str(fit["num_splats"]): fit for fit in fitting["plan"]}
     for variant in fitting["variants"].values():
-        passes = variant["passes"]
         expected = 0.0
         for level in variant["per_image"]["levels"]:
             one = table[str(level["num_splats"])][variant["kernel"]][variant["roofline_model"]]
-            seconds = (level["steps"] * sum(n * one[kind] for kind, n in passes["per_step"].items())
-                       + sum(n * one[kind] for kind, n in passes["per_fit"].items()))
+            passes = plan[level["role"] + str(level["num_splats"])]["passes"]
+            if variant["step"] == "render_only":
+                passes = {"forward": level["steps"], "backward": level["steps"]}
+            seconds = sum(n * one[kind] for kind, n in passes.items())
             assert level["seconds"] == pytest.approx(seconds)
             expected += seconds
         assert variant["seconds_per_sample"] == pytest.approx(expected)
@@ -101,6 +127,18 @@ def test_fitting_arithmetic(report) -> None:
     assert v["dense/no_cache_reuse/full_step"]["gpu_hours"] > v["tiled/no_cache_reuse/full_step"]["gpu_hours"]
     paper = fitting["paper_fit_400"]
     assert paper["ms_per_image"] == pytest.approx(25.6 * 3600 / 12.8e6 * 1e3)
+    alone, targets = fitting["alone"], fitting["targets"]
+    headline = v["tiled/no_cache_reuse/full_step"]
+    assert targets["cascade_within_paper"] == {"measured": headline["gpu_hours"], "threshold": 25.6,
+                                               "met": headline["gpu_hours"] <= 25.6}
+    if alone["fit"]["steps"] is None:
+        assert alone["projections"] == {} and targets["alone_within_a_third"]["met"] is False
+    else:
+        direct = alone["projections"]["tiled/no_cache_reuse"]
+        one = table[str(alone["fit"]["num_splats"])]["tiled"]["no_cache_reuse"]
+        assert direct["seconds_per_sample"] == pytest.approx(sum(n * one[k] for k, n in alone["fit"]["passes"].items()))
+        assert targets["alone_within_a_third"]["measured"] == direct["gpu_hours"]
+        assert targets["alone_within_a_third"]["met"] is (direct["gpu_hours"] <= 25.6 / 3)
     cpu = fitting["cpu_only"]
     assert cpu["core_seconds_per_image"] == pytest.approx(sum(level["core_seconds"] for level in cpu["levels"]))
     assert cpu["core_hours"] == pytest.approx(cpu["core_seconds_per_image"] * PAPER_IMAGES / 3600)
@@ -120,11 +158,16 @@ def test_roofline_table_is_the_cost_models_on_gpu_checks_counts() -> None:
         assert images_per_s == pytest.approx(entry["no_cache_reuse"]["tiled_images_per_s"])
 
 
-def test_cpu_seconds_per_step_reads_both_fitting_schemas() -> None:
-    record = {"cpu_seconds": 20.0, "steps": 10, "psnr_db": 30.0, "seconds": 21.0}
-    for key in ("fit", "new"):  # "new": files written when the benchmark also ran the previous fitter
-        fitting = {"photos": {"photos": ["a", "b"], "counts": [{"num_splats": 400, key: record}]}}
-        assert projection.cpu_seconds_per_step(fitting)[400]["core_seconds_per_step"] == pytest.approx(1.0)
+def test_cpu_seconds_per_step_prefers_the_schedules_section() -> None:
+    refit = {"cpu_seconds": 20.0, "steps": 10}
+    fitting = {"prune_photos": {"images": 2, "cascades": {"luminance": [
+                   {"num_splats": 1600, "refit": refit}, {"num_splats": 400, "refit": refit}]}},
+               "schedules": {"sets": {name: {"photos": ["a", "b", "c", "d"], "counts": [
+                   {"num_splats": 400, "runs": {"chosen": {"steps": [5, 10], "cpu_seconds": [1.0, rate]}}}]}
+                   for name, rate in (("stage", 8.0), ("other", 16.0))}}}
+    table = projection.cpu_seconds_per_step(fitting)
+    assert table[1600]["core_seconds_per_step"] == pytest.approx(1.0) and table[1600]["source"] == "prune_photos refit"
+    assert table[400]["core_seconds_per_step"] == pytest.approx((0.2 + 0.4) / 2)  # the two sets' mean
 
 
 def test_a_measured_gpu_run_replaces_the_roofline() -> None:

@@ -191,9 +191,22 @@ def test_tile_lists_cover_every_nonzero_pair(random_splats, height, width, tile_
     assert pixels.sum() == height * width
     assert evaluations["dense_forward"] == batch * n * height * width
     assert evaluations["tiled_forward"] == int((expected.sum(1) * pixels).sum())
-    assert evaluations["tiled_backward"] == int(in_box.sum())
+    assert evaluations["tiled_backward"] == evaluations["tiled_forward"]  # both walk the tiles' lists
+    assert evaluations["box"] == int(in_box.sum())
     # Culling at cutoff 3 on these small images saves work, and the box never exceeds its tiles.
-    assert evaluations["tiled_backward"] <= evaluations["tiled_forward"] < evaluations["dense_forward"]
+    assert evaluations["box"] <= evaluations["tiled_forward"] < evaluations["dense_forward"]
+
+    # Summing per-pair values over each splat's tiles equals a scatter-add by owner, and a splat on
+    # no tile (invalid, or off the image) sums to 0.
+    values = torch.randn(bins.tile_splats.numel(), 3, dtype=torch.float64)
+    image_of_pair = torch.repeat_interleave(
+        torch.arange(batch * bins.tiles_per_image) // bins.tiles_per_image, bins.tile_offsets.diff())
+    owner = image_of_pair * n + bins.tile_splats.long()
+    expected_sums = torch.zeros(batch * n, 3, dtype=torch.float64).index_add_(0, owner, values)
+    assert torch.allclose(bins.sum_over_tiles(values), expected_sums)
+    assert torch.equal(bins.tiles_per_splat, torch.bincount(owner, minlength=batch * n))
+    with pytest.raises(ValueError, match="one row per"):
+        bins.sum_over_tiles(values[1:])
 
 
 def test_boxes_are_tight_and_handle_degenerate_splats() -> None:

@@ -176,19 +176,57 @@ def test_the_fit_counts_the_passes_it_runs(photos, defaults, backend):
     if backend == "cpu" and not cpu_kernel_available():
         pytest.skip("no C++ compiler")
     steps, cg = 4, 3
-    settings = defaults.photo_fit_settings(iterations=steps, colour_solve="every_step", cg_iterations=cg,
+    settings = defaults.photo_fit_settings(iterations=steps, colour_solve="periodic", solve_every=1, cg_iterations=cg,
                                            reseed_every=0, log_every=1, backend=backend)
     result = fit_splats(photos, 256, settings, progress=False)  # 64x64 with 256 splats: the CG solve
     solves = steps + 1  # one before every step, one at the end
-    per_solve = {"forward": 1 + cg, "adjoint": 2 + 1 + cg}  # norms, W^T y, then (render, adjoint) products
+    per_solve = {"forward": 1 + cg, "adjoint": 1 + cg}  # (render, adjoint) products: the start's, each iteration's
     if backend == "cpu":  # the C++ kernel has its own adjoint
         expected = {"forward": steps + solves * per_solve["forward"], "backward": steps,
                     "adjoint": solves * per_solve["adjoint"]}
     else:  # no adjoint kernel: each W^T r is a render and its backward (the norms: the area integral)
-        adjoints = solves * (per_solve["adjoint"] - 1)
+        adjoints = solves * per_solve["adjoint"]
         expected = {"forward": steps + solves * per_solve["forward"] + adjoints, "backward": steps + adjoints,
                     "adjoint": 0}
     assert result.passes == expected
     for kind, total in expected.items():  # the history counts as it goes (the final solve comes after it)
         counted = result.history[f"{kind}_passes"]
         assert counted == sorted(counted) and counted[-1] <= total
+
+
+@pytest.mark.parametrize("solve_every", [1, 3])
+def test_a_periodic_schedule_solves_every_kth_step_and_at_the_end(photos, defaults, monkeypatch, solve_every):
+    solved_at: list[int] = []
+    real_solve = fit_module._BatchFit.solve
+    steps_seen: list[int] = []
+    real_step = fit_module._BatchFit.step
+
+    def step(self, iteration):
+        steps_seen.append(iteration)
+        return real_step(self, iteration)
+
+    def solve(self):
+        solved_at.append(steps_seen[-1] if steps_seen else -1)
+        return real_solve(self)
+
+    monkeypatch.setattr(fit_module._BatchFit, "step", step)
+    monkeypatch.setattr(fit_module._BatchFit, "solve", solve)
+    steps = 7
+    settings = defaults.photo_fit_settings(iterations=steps, colour_solve="periodic", solve_every=solve_every,
+                                           reseed_every=0)
+    result = fit_splats(photos, 256, settings, progress=False)
+    during = [i for i in range(steps) if i % solve_every == 0]
+    assert solved_at == during + [steps - 1]  # the last one: the final solve after the last step
+    # Adam moves the colours between solves only when they are not solved at every step
+    start = fit_splats(photos, 256, settings.replace(iterations=0), progress=False).splats.colours
+    assert torch.isfinite(result.psnr).all() and not torch.equal(result.splats.colours, start)
+
+
+def test_the_colour_solve_schedule_is_checked():
+    from gsclip_lib.errors import ConfigError
+    from gsclip_lib.params import load_params
+
+    with pytest.raises(ConfigError, match="fit.optimizer.solve_every: Input should be greater than 0"):
+        load_params("params.yaml", overrides=["fit.optimizer.solve_every=0"])
+    with pytest.raises(ConfigError, match="fit.optimizer.colour_solve: .*'periodic'"):
+        load_params("params.yaml", overrides=["fit.optimizer.colour_solve=every_step"])
