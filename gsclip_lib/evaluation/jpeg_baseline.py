@@ -29,11 +29,10 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image
 
 from gsclip_lib.errors import positive_int
-from gsclip_lib.splats.quality import psnr
+from gsclip_lib.splats.quality import psnr_uint8
 
 MIN_QUALITY = 1
 MAX_QUALITY = 100
@@ -121,8 +120,7 @@ def jpeg_psnr_at_budget(
 ) -> tuple[float, JpegResult]:
     """PSNR in dB (pixels scaled to [0, 1]) of the JPEG chosen by :func:`jpeg_at_budget`."""
     result = jpeg_at_budget(image, budget_bytes, max_quality=max_quality)
-    as_images = [torch.from_numpy(np.asarray(pixels, dtype=np.float64) / 255.0)[None] for pixels in (image, result.decoded)]
-    return float(psnr(*as_images)), result
+    return psnr_uint8(image, result.decoded), result
 
 
 def _check_image(image: np.ndarray) -> None:

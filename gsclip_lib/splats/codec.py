@@ -136,10 +136,10 @@ def _record_crc(fields: bytes, payload: bytes) -> int:
     return zlib.crc32(payload, zlib.crc32(fields))
 
 
-def decode_splats(record: bytes, device: torch.device | str | None = None) -> DecodedSplats:
-    """Read one record back as float32 splats (batch of 1, all valid) on ``device`` (or the CPU)."""
-    if not isinstance(record, (bytes, bytearray, memoryview)):
-        raise CodecError(f"a splat record is bytes, got {type(record).__name__}")
+def header_fields(record: bytes) -> dict[str, int]:
+    """A record's header as stored: ``version``, ``channels``, ``height``, ``width``, ``num_splats``,
+    ``crc32``. Only the length and the magic are checked here (CodecError); :func:`decode_splats`
+    checks the rest."""
     record = bytes(record)
     if len(record) < HEADER_BYTES:
         if not MAGIC.startswith(record[: len(MAGIC)]):
@@ -150,6 +150,18 @@ def decode_splats(record: bytes, device: torch.device | str | None = None) -> De
     magic, version, channels, height, width, num_splats, crc = _HEADER.unpack_from(record)
     if magic != MAGIC:
         raise CodecError(_foreign_message(record))
+    return {"version": version, "channels": channels, "height": height, "width": width, "num_splats": num_splats,
+            "crc32": crc}
+
+
+def decode_splats(record: bytes, device: torch.device | str | None = None) -> DecodedSplats:
+    """Read one record back as float32 splats (batch of 1, all valid) on ``device`` (or the CPU)."""
+    if not isinstance(record, (bytes, bytearray, memoryview)):
+        raise CodecError(f"a splat record is bytes, got {type(record).__name__}")
+    record = bytes(record)
+    header = header_fields(record)
+    version, channels, height, width = header["version"], header["channels"], header["height"], header["width"]
+    num_splats, crc = header["num_splats"], header["crc32"]
     if version != FORMAT_VERSION:
         raise CodecError(
             f"unsupported splat record version {version}; this reader handles version "

@@ -4,7 +4,7 @@ For each split of :meth:`gsclip_lib.params.Params.splat_splits` (train, eval, an
 folder when set), every input image shard becomes one splat shard of the same name
 (:mod:`gsclip_lib.data.splat_shards`) in ``fit.out_dir/fitted/N<num_splats>/<split>/``. Images are read as
 ``data`` says (size, channels, resize mode; bad samples skipped and counted) and fitted
-``fit.batch_size`` at a time with :func:`gsclip_lib.splats.fitting.fit_splats`.
+``fit.batch_size`` at a time with :func:`gsclip_lib.splats.records.fit_records`.
 
 Resuming (:mod:`gsclip_lib.data.resumable_shards`): a shard complete under its final name is
 skipped, so a killed fit continues where it stopped, and the stage's metrics still describe the
@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from gsclip_lib import distributed
-from gsclip_lib.atomic_files import finite_or_none
 from gsclip_lib.data.image_text_shards import ImageTextSample, ImageTextShards
 from gsclip_lib.data.resumable_shards import (
     ShardStats,
@@ -41,8 +40,7 @@ from gsclip_lib.data.tar_shards import expand_shard_spec
 from gsclip_lib.params import DataConfig, FitSettings, Params, level_name
 from gsclip_lib.pipeline.dependencies import code_fingerprint
 from gsclip_lib.pipeline.runner import StageResult
-from gsclip_lib.splats.codec import CodecError, encode_splats, payload_bytes
-from gsclip_lib.splats.fitting import fit_splats
+from gsclip_lib.splats.records import fit_records, shard_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -72,19 +70,13 @@ class ImageFitter:
                                width, self.num_splats)
                 continue
             images = torch.stack([batch[p].image for p in positions]).to(self.device)
-            result = fit_splats(images, self.num_splats, self.settings, progress=False)
-            stats.fit_seconds += result.seconds
-            splats = result.splats.to("cpu")
-            dropped = set(result.dropped)
+            fitted = fit_records(images, self.num_splats, self.settings)
+            stats.fit_seconds += fitted.fit.seconds
+            for index, reason in fitted.unstorable.items():
+                logger.warning("dropping %s: its splats cannot be stored (%s)", batch[positions[index]].key, reason)
             for index, position in enumerate(positions):
-                if index in dropped:
-                    continue
-                try:
-                    record = encode_splats(splats, index, height, width)
-                except CodecError as error:
-                    logger.warning("dropping %s: its splats cannot be stored (%s)", batch[position].key, error)
-                    continue
-                records[position] = (record, int(splats.valid[index].sum()), float(result.psnr[index]))
+                if fitted.records[index] is not None:
+                    records[position] = (fitted.records[index], fitted.kept_splats[index], float(fitted.fit.psnr[index]))
         return records
 
     def convert(self, batch: list[ImageTextSample], writer: SplatShardWriter, stats: ShardStats) -> None:
@@ -94,20 +86,10 @@ class ImageFitter:
                 continue
             record, count, quality = stored
             channels, height, width = sample.image.shape
-            metadata = {
-                "N": count,
-                "C": channels,
-                "H": height,
-                "W": width,
-                "psnr": finite_or_none(quality),
-                "bytes": len(record),
-                "payload_bytes": payload_bytes(count, channels),
-                "source_key": sample.key,
-                "source_shard": os.path.basename(self.source_shard),
-                "label": sample.label,
-                "image_size": self.data.image_size,
-                "resize_mode": self.data.resize_mode,
-            }
+            metadata = shard_metadata(record, count, channels, height, width, quality, key=sample.key,
+                                      label=sample.label, image_size=self.data.image_size,
+                                      resize_mode=self.data.resize_mode,
+                                      source_shard=os.path.basename(self.source_shard))
             stats.add_sample(writer, sample.key, record, sample.caption, metadata, quality, sample.encoded)
 
 

@@ -80,7 +80,9 @@ def test_splat_samples_carry_their_source_image_bytes(tmp_path, small):
 def test_dropped_fits_are_counted_and_left_out(tmp_path, small, monkeypatch, shard_samples):
     data, settings = small
     image_shards(tmp_path / "images", 5, 5)
-    real_fit = fit_stage.fit_splats
+    from gsclip_lib.splats import records
+
+    real_fit = records.fit_splats
 
     def fit_dropping_the_first(images, num_splats, settings, **kwargs):
         result = real_fit(images, num_splats, settings, **kwargs)
@@ -88,7 +90,7 @@ def test_dropped_fits_are_counted_and_left_out(tmp_path, small, monkeypatch, sha
         splats.valid[0] = False
         return replace(result, splats=splats, dropped=[0])
 
-    monkeypatch.setattr(fit_stage, "fit_splats", fit_dropping_the_first)
+    monkeypatch.setattr(records, "fit_splats", fit_dropping_the_first)
     stats = fit_stage.fit_split(str(tmp_path / "images"), tmp_path / "gs", SPLATS, settings, 2, data, progress=False)
     assert (stats.images, stats.dropped_fits) == (2, 3)
     assert sorted(shard_samples(list_shards(tmp_path / "gs")[0])) == ["img001", "img003"]
@@ -111,10 +113,11 @@ KILLABLE_FIT = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
+    import gsclip_lib.splats.records as records
     import gsclip_lib.stages.fit as module
     from gsclip_lib.params import load_params
 
-    real_fit, calls = module.fit_splats, []
+    real_fit, calls = records.fit_splats, []
 
     def fit_that_hangs(*args, **kwargs):
         # Two batches per shard: call 3 is the first batch of the second shard, call 4 hangs there,
@@ -125,7 +128,7 @@ KILLABLE_FIT = textwrap.dedent(
             time.sleep(600)
         return real_fit(*args, **kwargs)
 
-    module.fit_splats = fit_that_hangs
+    records.fit_splats = fit_that_hangs
     params = load_params(sys.argv[4], overrides=["data.image_size={size}", "data.channels=3"])
     settings = params.fit.optimizer.replace(iterations=2, backend="dense")
     module.fit_split(sys.argv[1], Path(sys.argv[2]), {splats}, settings, 2, params.data, progress=False)
