@@ -320,6 +320,7 @@ def load_classifier(model_dir: PathLike, classes: str = "fashion_mnist", *,
     checkpoint = Path(rgb_checkpoint) if rgb_checkpoint else root / params.trained_rgb_model().checkpoint
     if not checkpoint.is_file():
         raise InputError(f"no trained RGB model at {checkpoint} (the pretrain stage writes it; or pass --rgb PATH)")
+    # class_prompts.CLASS_SOURCES, spelled out: importing that module imports open_clip, which a cache hit avoids
     names_file = [] if classes in ("fashion_mnist", "imagenet") else [Path(classes)]
     try:
         key = cached_classifier.cache_key([level_dir / TOWER_FILE, checkpoint, *names_file],
